@@ -1,0 +1,215 @@
+"""The `lockstep` command line: generate, chat and fetch.
+
+Every command works with no flags on the default model. Errors a user can act on are printed
+as one line and exit non-zero; no traceback reaches the terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+
+from .errors import LockstepError
+
+EXAMPLES = {
+    "generate": """examples:
+  lockstep generate "Write a haiku about the sea."
+  lockstep generate --raw --max-tokens 64 --temperature 0 "The capital of France is"
+  lockstep generate --model ./model.gguf --seed 7 --stop "\\n\\n" "List three colours:"
+""",
+    "chat": """examples:
+  lockstep chat
+  lockstep chat --system "You answer in one sentence." --temperature 0.7
+commands inside the chat: /reset clears the history, /exit (or Ctrl-D) quits,
+Ctrl-C stops the reply being written.
+""",
+    "fetch": """examples:
+  lockstep fetch                      # download and verify the default model into the cache
+  LOCKSTEP_HOME=/data/lockstep lockstep fetch
+""",
+}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2G', '1.5GB' or a byte count -> bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 512MiB or 2GiB")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None, metavar="PATH",
+                   help="a .gguf file or an HF model directory (default: SmolLM2-135M-Instruct Q4_1, fetched on first use)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--kv-memory", type=parse_size, default=parse_size("1GiB"),
+                   help="memory for the KV cache arena (default: 1GiB)")
+    g.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+    g.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    g.add_argument("--temperature", type=float, default=0.2,
+                   help="0 is greedy (default: 0.2, the default model's recommendation)")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top one")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lockstep", description="lockstep: a latency-first LLM inference runtime.",
+        epilog="run `lockstep COMMAND --help` for a command's options and examples",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    gen = command("generate", "Generate a reply to one prompt, streamed to stdout as it comes.")
+    gen.add_argument("prompt", help="the prompt (read from stdin if it is '-')")
+    gen.add_argument("--raw", action="store_true", help="complete the text as-is, without the chat template")
+    gen.add_argument("--system", default=None, help="a system message (chat template only)")
+    gen.add_argument("--quiet", action="store_true", help="do not print timing figures to stderr")
+    _add_sampling_args(gen)
+    _add_model_args(gen)
+
+    chat = command("chat", "An interactive chat that keeps the conversation's history.")
+    chat.add_argument("--system", default=None, help="a system message for the conversation")
+    _add_sampling_args(chat)
+    _add_model_args(chat)
+
+    fetch = command("fetch", "Download and verify the default model into lockstep's cache.")
+    fetch.add_argument("--quiet", action="store_true", help="print only the model's path")
+    return parser
+
+
+def _engine(args: argparse.Namespace):
+    from .config import EngineConfig
+    from .engine import Engine
+    from .loader import load_model
+
+    model = load_model(args.model)
+    return Engine(model, EngineConfig(kv_memory_bytes=args.kv_memory, max_model_len=args.max_model_len,
+                                      threads=args.threads)), model
+
+
+def _params(args: argparse.Namespace):
+    from .sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=list(args.stop))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = _params(args)  # checked before the model loads: bad flags fail fast
+    t_start = time.perf_counter()
+    engine, model = _engine(args)
+    if args.raw:
+        ids = engine.tokenizer.encode(prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        ids = engine.encode_chat(messages)
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    for out in engine.stream(ids, params):
+        if out.token_id is not None:
+            n += 1
+            last = time.perf_counter()
+            first = first or last
+        if out.text:
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not args.quiet and first is not None:
+        decode = f", {(n - 1) / (last - first):.1f} tok/s decode" if n > 1 and last > first else ""
+        print(f"[lockstep] {len(ids)} prompt tokens, {n} generated; load {model.load_s:.2f} s, "
+              f"TTFT {1000 * (first - t0):.0f} ms{decode}; total {time.perf_counter() - t_start:.1f} s",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _params(args)
+    engine, model = _engine(args)
+    print(f"lockstep chat: {model.source.name} ({model.config.num_layers} layers), loaded in "
+          f"{model.load_s:.1f} s. /reset clears the history, /exit quits.", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            ids = engine.encode_chat(system + history)
+            reply = []
+            try:
+                for out in engine.stream(ids, params):
+                    if out.text:
+                        reply.append(out.text)
+                        sys.stdout.write(out.text)
+                        sys.stdout.flush()
+            except KeyboardInterrupt:
+                # Barge-in: the reply so far stays in the history; the sequence is cancelled.
+                sys.stdout.write(" [stopped]")
+            print()
+            history.append({"role": "assistant", "content": "".join(reply)})
+        except LockstepError as exc:
+            history.pop()
+            print(f"lockstep: error: {exc}", file=sys.stderr)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from .fetch import ensure_model
+
+    path = ensure_model(quiet=args.quiet)
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="lockstep: %(message)s")
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "fetch": cmd_fetch}
+    try:
+        return handlers[args.command](args)
+    except LockstepError as exc:
+        print(f"lockstep: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

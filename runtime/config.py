@@ -1,0 +1,109 @@
+"""Configuration: what a model is (ModelConfig) and how the engine runs it (EngineConfig)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InvalidRequestError, UnsupportedModelError
+
+# Architectures that share the Llama block (RMSNorm, RoPE, GQA attention, SwiGLU MLP).
+# Qwen2 differs only by a bias on the Q/K/V projections.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1-style frequency scaling: long wavelengths are stretched by `factor`."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {self.arch!r} is not supported; lockstep runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (the Llama family)"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position"):
+            if getattr(self, name) <= 0:
+                raise UnsupportedModelError(f"model config has {name} = {getattr(self, name)}; it must be positive")
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise UnsupportedModelError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        return 2 * self.num_layers * self.kv_size * itemsize
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model. Defaults suit the CPU; every field is a user-facing knob."""
+
+    block_size: int = 16
+    kv_memory_bytes: int = 1 << 30
+    max_num_seqs: int = 64
+    # Tokens one step may process. Decodes take one each; prefill fills the rest in chunks.
+    max_batched_tokens: int = 256
+    max_model_len: int | None = None  # default: the model's context, capped by the KV arena
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "block_size": self.block_size >= 1,
+            "kv_memory_bytes": self.kv_memory_bytes > 0,
+            "max_num_seqs": self.max_num_seqs >= 1,
+            "max_batched_tokens": self.max_batched_tokens >= 1,
+            "max_model_len": self.max_model_len is None or self.max_model_len >= 2,
+            "threads": self.threads is None or self.threads >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise InvalidRequestError(
+                "invalid engine setting " + ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
+            )
+        if self.max_batched_tokens < self.max_num_seqs:
+            # Every running sequence must be able to decode in the same step.
+            self.max_batched_tokens = self.max_num_seqs
+
+
+@dataclass
+class LoadStats:
+    """How long loading took, for `lockstep` to report honestly."""
+
+    parse_s: float = 0.0
+    weights_s: float = 0.0
+    tokenizer_s: float = 0.0
+    index_cached: bool = False
+    notes: list[str] = field(default_factory=list)

@@ -1,0 +1,395 @@
+"""The engine: owns the model, the KV cache and the scheduler, and runs one step at a time.
+
+A step is: apply pending cancels, ask the scheduler what runs, build the step's inputs, run
+the forward, sample where a sequence needs its next token, and turn tokens into outputs
+(text safe to stream, stop checks, finishing). Sequence operations (fork, append, commit,
+truncate, cancel) happen between steps, so a step always sees a consistent state.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from itertools import count
+from typing import Iterator, Sequence as Seq
+
+import torch
+
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .errors import ContextLengthError, InvalidRequestError
+from .kv_cache import KVCache
+from .loader import LoadedModel
+from .model import SeqSpan, StepInputs, TorchModel
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import FinishReason, SeqOutput, Sequence, SeqStatus
+
+log = logging.getLogger("lockstep")
+
+
+@dataclass
+class RequestResult:
+    """A finished sequence, for callers that wait for the whole answer."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    prompt_logprobs: list[float]
+    ttft_s: float
+    e2e_s: float
+    token_times: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.model_config = model.config
+        self.tokenizer = model.tokenizer
+        self.kv = KVCache.for_budget(model.config, self.config.kv_memory_bytes, self.config.block_size)
+        self.runner = TorchModel(model.config, model.weights, self.kv)
+        self.scheduler = Scheduler(self.config, self.kv)
+        limits = [model.config.max_position, self.kv.capacity_tokens]
+        if self.config.max_model_len:
+            limits.append(self.config.max_model_len)
+        self.max_model_len = min(limits)
+        self.seqs: dict[int, Sequence] = {}  # live sequences
+        self._ids = count()
+        self._next_branch: dict[int, int] = {}  # per fork family: the next branch number
+        self._family: dict[int, int] = {}  # seq id -> id of the family's first sequence
+        self._pending: list[SeqOutput] = []  # terminal outputs made between steps (cancels)
+        log.info("engine: %d KV blocks of %d tokens (%d tokens), max_model_len %d, %d threads",
+                 self.kv.num_blocks, self.kv.block_size, self.kv.capacity_tokens, self.max_model_len,
+                 torch.get_num_threads())
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Renders messages with the model's chat template and tokenizes the result.
+
+        The template writes any BOS itself, so none is added here.
+        """
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_bos=False)
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    generate: bool = True) -> Sequence:
+        """Queues a prompt (text or token ids). With generate=False it only prefills until commit()."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        self._check_ids(ids)
+        self._check_length(len(ids), params.max_tokens if generate else 0)
+        seq = Sequence(
+            seq_id=next(self._ids), params=params, token_ids=ids, num_prompt_tokens=len(ids),
+            detok=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+            seed=params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little"),
+            generating=generate,
+        )
+        self.seqs[seq.seq_id] = seq
+        self._family[seq.seq_id] = seq.seq_id
+        self._next_branch[seq.seq_id] = 1
+        self.scheduler.add(seq)
+        return seq
+
+    def _check_ids(self, ids: Seq[int]) -> None:
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad!r} is out of range for a vocabulary of {vocab}")
+
+    def _check_length(self, num_tokens: int, max_tokens: int | None) -> None:
+        need = num_tokens + (max_tokens or 0)
+        if num_tokens >= self.max_model_len or need > self.max_model_len:
+            extra = f" plus max_tokens {max_tokens}" if max_tokens else ""
+            raise ContextLengthError(
+                f"the prompt has {num_tokens} tokens{extra}, but this model's context holds "
+                f"{self.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+
+    # --- sequence operations (between steps) -------------------------------------------------------
+
+    def _live(self, seq_id: int) -> Sequence:
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            raise InvalidRequestError(f"sequence {seq_id} is not live (finished, cancelled or unknown)")
+        return seq
+
+    def fork(self, seq_id: int, n: int = 1) -> list[Sequence]:
+        """n new sequences continuing from this one. KV is shared by refcount, not copied.
+
+        Each fork samples with its own branch number, so seeded forks still differ.
+        """
+        parent = self._live(seq_id)
+        if n < 1:
+            raise InvalidRequestError(f"fork needs n >= 1, got {n}")
+        family = self._family[seq_id]
+        children = []
+        for _ in range(n):
+            child = replace(
+                parent, seq_id=next(self._ids), branch=self._next_branch[family],
+                token_ids=list(parent.token_ids), detok=parent.detok.clone(),
+                output_ids=list(parent.output_ids), output_positions=list(parent.output_positions),
+                output_logprobs=list(parent.output_logprobs),
+                output_top_logprobs=list(parent.output_top_logprobs),
+                prompt_logprobs=list(parent.prompt_logprobs),
+                prompt_top_logprobs=list(parent.prompt_top_logprobs),
+                handle=None,
+            )
+            self._next_branch[family] += 1
+            self._family[child.seq_id] = family
+            self.seqs[child.seq_id] = child
+            if parent.handle is not None:
+                child.handle = self.kv.allocator.fork(parent.handle)
+                self.scheduler.add_running(child)
+            else:
+                self.scheduler.add(child)
+            children.append(child)
+        return children
+
+    def append(self, seq_id: int, tokens: str | Seq[int]) -> None:
+        """Adds input to a live sequence; it is prefilled in the coming steps (incremental prefill)."""
+        seq = self._live(seq_id)
+        ids = self.tokenizer.encode(tokens, add_bos=False) if isinstance(tokens, str) else list(tokens)
+        self._check_ids(ids)
+        self._check_length(seq.num_tokens + len(ids), 0)
+        seq.token_ids.extend(ids)
+
+    def commit(self, seq_id: int, params: SamplingParams | None = None) -> None:
+        """Starts generating from everything the sequence holds (e.g. after incremental input)."""
+        seq = self._live(seq_id)
+        if params is not None:
+            seq.params = params
+        self._check_length(seq.num_tokens, seq.params.max_tokens)
+        seq.generating = True
+        seq.outputs_at_commit = len(seq.output_ids)
+        self._ensure_logits_pending(seq)
+
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Rolls a live sequence back to its first `num_tokens` tokens, output included."""
+        seq = self._live(seq_id)
+        if not 1 <= num_tokens <= seq.num_tokens:
+            raise InvalidRequestError(f"truncate position must be in [1, {seq.num_tokens}], got {num_tokens}")
+        del seq.token_ids[num_tokens:]
+        kept = sum(1 for p in seq.output_positions if p < num_tokens)
+        for lst in (seq.output_ids, seq.output_positions, seq.output_logprobs, seq.output_top_logprobs):
+            del lst[kept:]
+        seq.outputs_at_commit = min(seq.outputs_at_commit, kept)
+        seq.num_prompt_tokens = min(seq.num_prompt_tokens, num_tokens)
+        seq.detok.truncate(kept)
+        seq.text = seq.detok.text
+        seq.num_chars_sent = min(seq.num_chars_sent, len(seq.text))
+        seq.num_computed = min(seq.num_computed, num_tokens)
+        if seq.handle is not None:
+            self.kv.allocator.truncate(seq.handle, seq.num_computed)
+        if seq.generating:
+            self._ensure_logits_pending(seq)
+
+    def _ensure_logits_pending(self, seq: Sequence) -> None:
+        # The next token is sampled from the logits of the last token, which only a forward over
+        # it produces; if its K/V is already cached, compute it again (it rewrites the same slot).
+        if seq.num_uncomputed == 0:
+            seq.num_computed -= 1
+            if seq.handle is not None:
+                self.kv.allocator.truncate(seq.handle, seq.num_computed)
+
+    def cancel(self, seq_id: int) -> None:
+        """Stops a sequence at the next step boundary and frees its blocks."""
+        seq = self.seqs.get(seq_id)
+        if seq is not None:
+            seq.cancel_requested = True
+
+    # --- the step --------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self._pending) or any(s.cancel_requested for s in self.seqs.values()) \
+            or self.scheduler.has_work()
+
+    def step(self) -> list[SeqOutput]:
+        outputs = self._pending
+        self._pending = []
+        for seq in [s for s in self.seqs.values() if s.cancel_requested]:
+            outputs.append(self._finish(seq, FinishReason.CANCELLED))
+        plan = self.scheduler.schedule()
+        if not plan:
+            return outputs
+
+        token_ids, positions, slots, spans = [], [], [], []
+        logit_rows: list[int] = []
+        prompt_lp: list[tuple[Sequence, int, int, int]] = []  # (seq, logits index, position, count)
+        to_sample: list[tuple[Sequence, int]] = []  # (seq, logits index)
+        for item in plan:
+            seq, n = item.seq, item.num_tokens
+            start, first = len(token_ids), seq.num_computed
+            context = self.kv.slots(seq.handle, first + n)
+            token_ids.extend(seq.token_ids[first:first + n])
+            positions.extend(range(first, first + n))
+            slots.append(context[first:])
+            spans.append(SeqSpan(start, n, context))
+            if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1:
+                # Row i predicts token first + i + 1; only prompt tokens not yet scored.
+                rows = [start + i for i in range(n) if len(seq.prompt_logprobs) <= first + i < seq.num_prompt_tokens - 1]
+                if rows:
+                    prompt_lp.append((seq, len(logit_rows), rows[0] - start + first, len(rows)))
+                    logit_rows.extend(rows)
+            if seq.generating and first + n == seq.num_tokens:
+                to_sample.append((seq, len(logit_rows)))
+                logit_rows.append(start + n - 1)
+
+        logits = self.runner.forward(StepInputs(
+            token_ids=torch.tensor(token_ids), positions=torch.tensor(positions),
+            slot_mapping=torch.cat(slots), spans=spans, logit_rows=torch.tensor(logit_rows, dtype=torch.long),
+        ))
+        for item in plan:
+            item.seq.num_computed += item.num_tokens
+
+        self._record_prompt_logprobs(logits, prompt_lp)
+        if to_sample:
+            seqs = [s for s, _ in to_sample]
+            rows = logits[torch.tensor([i for _, i in to_sample])]
+            result = sample(rows, [s.params for s in seqs], [(s.seed, s.num_tokens, s.branch) for s in seqs],
+                            [self._banned_tokens(s) for s in seqs])
+            for i, seq in enumerate(seqs):
+                outputs.append(self._accept_token(seq, result.token_ids[i], result.logprobs[i],
+                                                  result.top_logprobs[i]))
+        return outputs
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor,
+                                prompt_lp: list[tuple[Sequence, int, int, int]]) -> None:
+        for seq, index, position, count_rows in prompt_lp:
+            lp = torch.log_softmax(logits[index:index + count_rows].float(), dim=-1)
+            targets = torch.tensor(seq.token_ids[position + 1:position + 1 + count_rows])
+            seq.prompt_logprobs.extend(lp.gather(1, targets[:, None]).squeeze(1).tolist())
+            if seq.params.prompt_logprobs:
+                vals, ids = torch.topk(lp, seq.params.prompt_logprobs, dim=-1)
+                seq.prompt_top_logprobs.extend(
+                    list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist()))
+
+    def _stop_ids(self, seq: Sequence) -> frozenset[int]:
+        model_stops = frozenset() if seq.params.ignore_eos else self.tokenizer.stop_ids
+        return model_stops | frozenset(seq.params.stop_token_ids)
+
+    def _banned_tokens(self, seq: Sequence) -> frozenset[int]:
+        return self._stop_ids(seq) if seq.num_new_outputs < seq.params.min_tokens else frozenset()
+
+    def _accept_token(self, seq: Sequence, token: int, logprob: float,
+                      top: list[tuple[int, float]]) -> SeqOutput:
+        seq.token_ids.append(token)
+        seq.output_ids.append(token)
+        seq.output_positions.append(seq.num_tokens - 1)
+        seq.output_logprobs.append(logprob)
+        seq.output_top_logprobs.append(top)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        params = seq.params
+        reason = None
+        if token in self._stop_ids(seq):
+            reason = FinishReason.STOP  # the stop token's own text is not part of the answer
+        else:
+            before = len(seq.text)
+            seq.text += seq.detok.push(token)
+            cut = self._find_stop_string(seq.text, before, params.stop)
+            if cut is not None:
+                seq.text = seq.text[:cut]
+                reason = FinishReason.STOP
+        if reason is None and params.max_tokens is not None and seq.num_new_outputs >= params.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None and seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None and reason is FinishReason.LENGTH:
+            seq.text += seq.detok.flush()
+        out = SeqOutput(seq.seq_id, token, "", logprob, top)
+        if reason is not None:
+            self._finish(seq, reason, out)
+        else:
+            out.text = self._streamable(seq)
+        return out
+
+    @staticmethod
+    def _find_stop_string(text: str, new_from: int, stops: list[str]) -> int | None:
+        """Where the earliest stop string starts, looking only where new text could complete one."""
+        hits = []
+        for stop in stops:
+            i = text.find(stop, max(0, new_from - len(stop) + 1))
+            if i >= 0:
+                hits.append(i)
+        return min(hits) if hits else None
+
+    def _streamable(self, seq: Sequence) -> str:
+        # Hold back a tail that might still grow into a stop string, so it is never sent.
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        end = len(seq.text) if seq.finished else len(seq.text) - hold
+        if end <= seq.num_chars_sent:
+            return ""
+        chunk = seq.text[seq.num_chars_sent:end]
+        seq.num_chars_sent = end
+        return chunk
+
+    def _finish(self, seq: Sequence, reason: FinishReason, out: SeqOutput | None = None) -> SeqOutput:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finish_time = time.perf_counter()
+        self.scheduler.remove(seq)
+        self.seqs.pop(seq.seq_id, None)
+        self._family.pop(seq.seq_id, None)
+        out = out or SeqOutput(seq.seq_id, None, "")
+        out.text = self._streamable(seq)
+        out.finish_reason = reason
+        return out
+
+    # --- conveniences --------------------------------------------------------------------------------
+
+    def run_until_done(self, seqs: list[Sequence]) -> dict[int, list[float]]:
+        """Steps until every given sequence finishes; returns each one's token arrival times."""
+        times: dict[int, list[float]] = {s.seq_id: [] for s in seqs}
+        pending = {s.seq_id for s in seqs}
+        while pending:
+            for out in self.step():
+                if out.seq_id in times:
+                    if out.token_id is not None:
+                        times[out.seq_id].append(time.perf_counter())
+                    if out.finished:
+                        pending.discard(out.seq_id)
+        return times
+
+    def generate(self, prompts: list[str | Seq[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestResult]:
+        """Runs prompts to completion, batched together; results in prompt order."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        times = self.run_until_done(seqs)
+        return [result_of(s, times[s.seq_id]) for s in seqs]
+
+    def stream(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> Iterator[SeqOutput]:
+        """Yields one sequence's outputs as they come (single-user use: the CLI)."""
+        seq = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.seq_id == seq.seq_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            if not seq.finished:
+                self.cancel(seq.seq_id)
+                self.step()
+
+
+def result_of(seq: Sequence, token_times: list[float] | None = None) -> RequestResult:
+    first = seq.first_token_time or seq.finish_time or seq.arrival_time
+    return RequestResult(
+        seq_id=seq.seq_id, prompt_ids=seq.token_ids[:seq.num_prompt_tokens], output_ids=list(seq.output_ids),
+        text=seq.text, finish_reason=seq.finish_reason, logprobs=list(seq.output_logprobs),
+        top_logprobs=list(seq.output_top_logprobs), prompt_logprobs=list(seq.prompt_logprobs),
+        ttft_s=first - seq.arrival_time, e2e_s=(seq.finish_time or first) - seq.arrival_time,
+        token_times=token_times or [],
+    )

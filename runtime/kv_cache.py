@@ -1,0 +1,63 @@
+"""The paged KV cache: one fixed arena of blocks, handed out by the C++ block allocator.
+
+K and V live in two tensors of shape [layers, num_blocks * block_size, kv_heads, head_dim];
+a token's "slot" is block * block_size + offset. The allocator (lockstep._core) decides which
+blocks a sequence owns, shares them between forks by refcount, and says which blocks must be
+copied before a shared partial block is written (copy-on-write).
+"""
+from __future__ import annotations
+
+import torch
+
+from lockstep._core import ArenaExhaustedError, BlockAllocator
+
+from .config import ModelConfig
+from .errors import CapacityError
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+        if num_blocks < 1:
+            raise CapacityError("the KV memory budget holds no block; raise --kv-memory")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        # Allocated once, here; serving never allocates KV memory again.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks, block_size)
+
+    @classmethod
+    def for_budget(cls, config: ModelConfig, memory_bytes: int, block_size: int,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> KVCache:
+        per_block = config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()) * block_size
+        return cls(config, memory_bytes // per_block, block_size, dtype, device)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def usage(self) -> float:
+        """Fraction of blocks in use."""
+        return 1.0 - self.allocator.num_free_blocks() / self.num_blocks
+
+    def reserve(self, handle: int, num_tokens: int) -> None:
+        """Makes room for `num_tokens` more tokens of a sequence, doing any copy-on-write first."""
+        try:
+            copies = self.allocator.append(handle, num_tokens)
+        except ArenaExhaustedError as exc:
+            raise CapacityError(str(exc)) from None
+        for src, dst in copies:
+            self._copy_block(src, dst)
+
+    def _copy_block(self, src: int, dst: int) -> None:
+        bs = self.block_size
+        self.k[:, dst * bs:(dst + 1) * bs] = self.k[:, src * bs:(src + 1) * bs]
+        self.v[:, dst * bs:(dst + 1) * bs] = self.v[:, src * bs:(src + 1) * bs]
+
+    def slots(self, handle: int, end: int) -> torch.Tensor:
+        """Slot ids of a sequence's token positions 0..end-1."""
+        table = torch.tensor(self.allocator.block_table(handle), dtype=torch.long)
+        bs = self.block_size
+        return (table[:, None] * bs + torch.arange(bs)).reshape(-1)[:end]

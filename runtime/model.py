@@ -1,0 +1,123 @@
+"""The `torch` backend: a Llama-family forward in plain PyTorch over the paged KV cache.
+
+It is the reference every other backend is compared against, so it follows HF transformers'
+arithmetic (float32 RMSNorm, rotate-half RoPE from float32 tables, softmax attention with
+1/sqrt(head_dim) scaling, SwiGLU) and keeps each step's work explicit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .weights import ModelWeights
+
+
+@dataclass
+class SeqSpan:
+    """One sequence's part of a step: rows [start, start + length) of the step's tokens."""
+
+    start: int
+    length: int
+    context_slots: torch.Tensor  # slots of all its tokens up to and including this step's
+
+
+@dataclass
+class StepInputs:
+    token_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    slot_mapping: torch.Tensor  # [T] long: where each token's K and V are written
+    spans: list[SeqSpan]
+    logit_rows: torch.Tensor  # [R] long: rows of T whose next-token logits are wanted
+
+
+def rope_inv_freq(config: ModelConfig, freq_divisors: torch.Tensor | None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama 3.1 scaling where the model asks for it."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if freq_divisors is not None:
+        return inv_freq / freq_divisors.float()
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class TorchModel:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache) -> None:
+        self.config = config
+        self.w = weights
+        self.kv = kv
+        freqs = torch.outer(torch.arange(config.max_position, dtype=torch.float32),
+                            rope_inv_freq(config, weights.rope_freqs))
+        self.cos = freqs.cos()
+        self.sin = freqs.sin()
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return weight * (x * torch.rsqrt(variance + self.config.rms_norm_eps))
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE on x [T, heads, head_dim] with cos/sin [T, 1, head_dim/2]."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Runs one step; writes the step's K/V into the cache; returns logits [R, vocab]."""
+        cfg = self.config
+        x = self.w.embed[inputs.token_ids]
+        cos = self.cos[inputs.positions].unsqueeze(1)
+        sin = self.sin[inputs.positions].unsqueeze(1)
+        for layer_idx, layer in enumerate(self.w.layers):
+            h = self.rms_norm(x, layer.attn_norm)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = self.rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = self.rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
+            k_cache.index_copy_(0, inputs.slot_mapping, k)
+            v_cache.index_copy_(0, inputs.slot_mapping, v.view(-1, cfg.num_kv_heads, cfg.head_dim))
+            attn = self.attention(q, k_cache, v_cache, inputs.spans)
+            x = x + F.linear(attn, layer.wo)
+            h = self.rms_norm(x, layer.ffn_norm)
+            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+        x = self.rms_norm(x[inputs.logit_rows], self.w.final_norm)
+        return F.linear(x, self.w.lm_head)
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  spans: list[SeqSpan]) -> torch.Tensor:
+        """Causal GQA attention of each sequence's new queries over its whole context.
+
+        One sequence at a time: a sequence's result never depends on what else is in the step.
+        """
+        out = torch.empty(q.shape[0], self.config.q_size, dtype=q.dtype)
+        for span in spans:
+            rows = slice(span.start, span.start + span.length)
+            ctx = span.context_slots.numel()
+            qs = q[rows].transpose(0, 1)  # [heads, n, d]
+            ks = k_cache[span.context_slots].transpose(0, 1)  # [kv_heads, ctx, d]
+            vs = v_cache[span.context_slots].transpose(0, 1)
+            mask = None
+            if span.length > 1:
+                # Query i sits at position ctx - length + i and sees keys up to there.
+                first = ctx - span.length
+                mask = torch.arange(ctx)[None, :] <= (first + torch.arange(span.length))[:, None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[rows] = o.transpose(0, 1).reshape(span.length, -1)
+        return out

@@ -1,0 +1,97 @@
+"""Token selection: greedy, or temperature / top-k / top-p / min-p with counter-based randomness.
+
+Each sampled token draws one uniform number from Philox4x32-10 keyed by the request's seed,
+with the counter (position, branch, 0, 0). No global RNG state exists, so a token depends only
+on its own logits and key: the same under any load, batch or bucket (DESIGN.md, batch
+invariance). The uniform picks a token by inverse CDF over the kept tokens in a fixed order
+(probability descending, ties by token id), which a GPU kernel can reproduce exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def philox4x32(counter: tuple[int, int, int, int], key: tuple[int, int], rounds: int = 10) -> tuple[int, ...]:
+    """Philox4x32 (Salmon et al., SC'11, the Random123 constants; the same as triton's tl.philox)."""
+    c0, c1, c2, c3 = (c & _MASK32 for c in counter)
+    k0, k1 = (k & _MASK32 for k in key)
+    for _ in range(rounds):
+        p0 = _PHILOX_M0 * c0
+        p1 = _PHILOX_M1 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _MASK32, p1 & _MASK32, ((p0 >> 32) ^ c3 ^ k1) & _MASK32, p0 & _MASK32
+        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uniform(seed: int, position: int, branch: int = 0) -> float:
+    """A uniform number in [0, 1) for (seed, position, branch): 24 random bits, exact in float32."""
+    r = philox4x32((position, branch, 0, 0), (seed & _MASK32, seed >> 32))[0]
+    return (r >> 8) * (1.0 / (1 << 24))
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float]  # of the chosen token under the model's raw distribution
+    top_logprobs: list[list[tuple[int, float]]]  # per row, the N most likely (N = params.logprobs)
+
+
+def filtered_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and probabilities left after temperature, top-k, top-p and min-p.
+
+    Returned in the fixed sampling order: probability descending, ties by token id.
+    """
+    values, ids = torch.sort(logits.float() / params.temperature, descending=True, stable=True)
+    if 0 < params.top_k < values.numel():
+        values, ids = values[:params.top_k], ids[:params.top_k]
+    probs = torch.softmax(values, dim=-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if params.top_p < 1.0:
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+        keep &= (torch.cumsum(probs, 0) - probs) < params.top_p
+    if params.min_p > 0.0:
+        keep &= probs >= params.min_p * probs[0]
+    keep[0] = True
+    return ids[keep], probs[keep]
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, seed: int, position: int, branch: int) -> int:
+    if params.greedy:
+        return int(torch.argmax(logits))
+    ids, probs = filtered_distribution(logits, params)
+    cdf = torch.cumsum(probs, 0)
+    target = uniform(seed, position, branch) * float(cdf[-1])
+    pick = int(torch.searchsorted(cdf, torch.tensor([target]), right=True)[0])
+    return int(ids[min(pick, ids.numel() - 1)])
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int, int]],
+           banned: list[frozenset[int]] | None = None) -> SampleResult:
+    """Picks one token per row of logits [R, vocab]. keys[r] = (seed, position, branch).
+
+    `banned[r]` are token ids that may not be chosen (stop tokens before min_tokens).
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    tokens, chosen, tops = [], [], []
+    for r, p in enumerate(params):
+        row = logits[r]
+        if banned is not None and banned[r]:
+            row = row.clone()
+            row[list(banned[r])] = float("-inf")
+        token = sample_row(row, p, *keys[r])
+        tokens.append(token)
+        chosen.append(float(logprobs[r, token]))
+        if p.logprobs:
+            top_vals, top_ids = torch.topk(logprobs[r], p.logprobs)
+            tops.append(list(zip(top_ids.tolist(), top_vals.tolist())))
+        else:
+            tops.append([])
+    return SampleResult(tokens, chosen, tops)

@@ -1,0 +1,84 @@
+"""A sequence: one stream of tokens with its KV, sampling parameters and output so far."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .detokenizer import IncrementalDetokenizer
+from .sampling_params import SamplingParams
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"  # holds no KV; queued for admission (new, or preempted)
+    RUNNING = "running"  # holds KV blocks; scheduled every step it has work
+    FINISHED = "finished"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # end-of-sequence/turn token, a stop token or a stop string
+    LENGTH = "length"  # max_tokens, or the context is full
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    params: SamplingParams
+    token_ids: list[int]  # prompt, appended input and generated output, in order
+    num_prompt_tokens: int
+    detok: IncrementalDetokenizer
+    seed: int
+    branch: int = 0
+    # While False the sequence only prefills what it is given (incremental input) and waits.
+    generating: bool = True
+    status: SeqStatus = SeqStatus.WAITING
+    handle: int | None = None  # block allocator handle while it holds KV
+    num_computed: int = 0  # leading tokens whose K/V are in the cache
+    output_ids: list[int] = field(default_factory=list)
+    output_positions: list[int] = field(default_factory=list)  # index of each output in token_ids
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    outputs_at_commit: int = 0  # max_tokens counts from here
+    text: str = ""  # output text so far, cut at a stop string
+    num_chars_sent: int = 0
+    finish_reason: FinishReason | None = None
+    cancel_requested: bool = False
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def num_new_outputs(self) -> int:
+        """Outputs since the last commit: what max_tokens and min_tokens count."""
+        return len(self.output_ids) - self.outputs_at_commit
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+@dataclass
+class SeqOutput:
+    """What one step produced for one sequence: a token, text safe to stream, or its end."""
+
+    seq_id: int
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,106 @@
+"""The weight layout of a Llama-family model, shared by every loader and backend.
+
+Loaders name tensors canonically (`embed`, `layers.3.q`, ...) and hand them over one at a
+time; `assemble` checks each shape against the config and packs them into the layout the
+forward wants: Q, K and V fused into one matrix and gate and up into another, so a layer
+runs three matmuls fewer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import ModelConfig
+from .errors import ModelLoadError, UnsupportedModelError
+
+LAYER_PARTS = ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down")
+BIAS_PARTS = ("q_bias", "k_bias", "v_bias")
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    wqkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
+    bqkv: torch.Tensor | None  # [q_size + 2 * kv_size] (Qwen2)
+    wo: torch.Tensor  # [hidden, q_size]
+    ffn_norm: torch.Tensor  # [hidden]
+    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    w_down: torch.Tensor  # [hidden, intermediate]
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as `embed` when tied
+    # Per-frequency divisors for RoPE (Llama 3.1 GGUFs store them as `rope_freqs.weight`).
+    rope_freqs: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in self._tensors():
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    def _tensors(self):
+        yield from (self.embed, self.final_norm, self.lm_head, self.rope_freqs)
+        for layer in self.layers:
+            yield from vars(layer).values()
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape (out, in) of every tensor the config calls for."""
+    h, i = config.hidden_size, config.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed": (config.vocab_size, h),
+        "final_norm": (h,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (config.vocab_size, h)
+    per_layer = {
+        "attn_norm": (h,), "q": (config.q_size, h), "k": (config.kv_size, h), "v": (config.kv_size, h),
+        "o": (h, config.q_size), "ffn_norm": (h,), "gate": (i, h), "up": (i, h), "down": (h, i),
+    }
+    if config.qkv_bias:
+        per_layer.update(q_bias=(config.q_size,), k_bias=(config.kv_size,), v_bias=(config.kv_size,))
+    for n in range(config.num_layers):
+        for part, shape in per_layer.items():
+            shapes[f"layers.{n}.{part}"] = shape
+    return shapes
+
+
+def check_shapes(config: ModelConfig, found: dict[str, tuple[int, ...]], source: Callable[[str], str]) -> None:
+    """Raises a clear error for a missing tensor or one whose shape the config does not allow.
+
+    `found` maps canonical names to shapes; `source(name)` gives the file's own tensor name.
+    """
+    for name, shape in expected_shapes(config).items():
+        if name not in found:
+            raise ModelLoadError(f"model is missing tensor {source(name)} (needed by a {config.arch} model)")
+        if tuple(found[name]) != shape:
+            raise UnsupportedModelError(
+                f"tensor {source(name)} has shape {tuple(found[name])}, expected {shape} "
+                f"from the model's config"
+            )
+
+
+def assemble(config: ModelConfig, load: Callable[[str], torch.Tensor]) -> ModelWeights:
+    """Builds ModelWeights by asking `load` for each canonical tensor (float32, shape checked)."""
+    layers = []
+    for n in range(config.num_layers):
+        part = lambda p: load(f"layers.{n}.{p}")  # noqa: E731
+        wqkv = torch.cat([part("q"), part("k"), part("v")])
+        bqkv = torch.cat([part("q_bias"), part("k_bias"), part("v_bias")]) if config.qkv_bias else None
+        layers.append(LayerWeights(
+            attn_norm=part("attn_norm"), wqkv=wqkv, bqkv=bqkv, wo=part("o"),
+            ffn_norm=part("ffn_norm"), w_gate_up=torch.cat([part("gate"), part("up")]), w_down=part("down"),
+        ))
+    embed = load("embed")
+    lm_head = embed if config.tie_word_embeddings else load("lm_head")
+    return ModelWeights(embed=embed, layers=layers, final_norm=load("final_norm"), lm_head=lm_head)
