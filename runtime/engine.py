@@ -252,6 +252,13 @@ class Engine:
             item.seq.num_computed += item.num_tokens
 
         self._record_prompt_logprobs(logits, prompt_lp)
+        # A request already at max_tokens (max_tokens 0: score the prompt only) ends unsampled.
+        done = [s for s, _ in to_sample if s.params.max_tokens is not None
+                and s.num_new_outputs >= s.params.max_tokens]
+        for seq in done:
+            outputs.append(self._finish(seq, FinishReason.LENGTH))
+        done_ids = {s.seq_id for s in done}
+        to_sample = [(s, i) for s, i in to_sample if s.seq_id not in done_ids]
         if to_sample:
             seqs = [s for s, _ in to_sample]
             rows = logits[torch.tensor([i for _, i in to_sample])]

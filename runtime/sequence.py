@@ -21,7 +21,7 @@ class FinishReason(str, Enum):
     CANCELLED = "cancelled"
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field: two sequences are never the same one
 class Sequence:
     seq_id: int
     params: SamplingParams

@@ -11,3 +11,24 @@ def default_model_path() -> Path:
     from lockstep.runtime.fetch import ensure_model
 
     return ensure_model(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def default_model(default_model_path: Path):
+    """The default model loaded once per test session (weights are read-only, engines share them)."""
+    from lockstep.runtime.loader import load_model
+
+    return load_model(default_model_path, quiet=True)
+
+
+@pytest.fixture
+def make_engine(default_model):
+    """Builds a fresh engine (own KV arena and scheduler) over the shared default model."""
+    from lockstep.runtime.config import EngineConfig
+    from lockstep.runtime.engine import Engine
+
+    def make(**config) -> Engine:
+        config.setdefault("kv_memory_bytes", 64 << 20)  # ~1400 tokens: plenty, and cheap to zero
+        return Engine(default_model, EngineConfig(**config))
+
+    return make

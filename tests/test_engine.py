@@ -1,0 +1,194 @@
+"""The engine on the default model: batching, the sequence operations, stopping and sampling.
+
+Every expectation is another run of lockstep under different circumstances (alone vs batched,
+forked vs unforked, appended vs whole) or a property of the request itself; the numbers
+themselves are checked against HF transformers in test_golden.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+from lockstep.runtime.errors import ContextLengthError, InvalidRequestError
+from lockstep.runtime.sampling_params import SamplingParams
+from lockstep.runtime.sequence import FinishReason
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+PROMPTS = [
+    "The quick brown fox",
+    "In a distant galaxy, a small robot named Pip discovered that",
+    "def fibonacci(n):",
+    "Once upon a time there was a princess who lived in a tall tower by the sea. Every morning she",
+    "Paris is",
+    "Here is a list of the planets of the solar system, in order from the Sun: Mercury, Venus,",
+    "1, 2, 3, 4,",
+    "The best way to learn a new language is",
+]
+
+
+def run_one(engine, prompt, **params):
+    return engine.generate([prompt], SamplingParams(**params))[0]
+
+
+def test_results_do_not_depend_on_the_batch(make_engine) -> None:
+    """The same request alone and inside a batch of 8 mixed-length, mixed-parameter requests."""
+    greedy = dict(GREEDY, max_tokens=12, logprobs=0)
+    sampled = dict(temperature=0.8, top_p=0.9, seed=42, max_tokens=12, ignore_eos=True)
+    alone_greedy = run_one(make_engine(), PROMPTS[1], **greedy)
+    alone_sampled = run_one(make_engine(), PROMPTS[3], **sampled)
+
+    engine = make_engine(max_batched_tokens=32)  # forces chunked prefill beside decodes
+    params = [SamplingParams(**dict(GREEDY, max_tokens=4 + 3 * i)) for i in range(8)]
+    params[1] = SamplingParams(**greedy)
+    params[3] = SamplingParams(**sampled)
+    batch = engine.generate(PROMPTS, params)
+    assert batch[1].output_ids == alone_greedy.output_ids
+    assert batch[3].output_ids == alone_sampled.output_ids
+    assert batch[1].logprobs == pytest.approx(alone_greedy.logprobs, abs=1e-4)
+    assert [len(r.output_ids) for r in batch] == [4 + 3 * i if i not in (1, 3) else 12 for i in range(8)]
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(make_engine) -> None:
+    engine = make_engine()
+    params = dict(temperature=1.0, max_tokens=16, ignore_eos=True)
+    a = run_one(engine, PROMPTS[0], seed=7, **params)
+    b = run_one(engine, PROMPTS[0], seed=7, **params)
+    c = run_one(engine, PROMPTS[0], seed=8, **params)
+    assert a.output_ids == b.output_ids and a.logprobs == b.logprobs
+    assert a.output_ids != c.output_ids
+
+
+def test_chunked_prefill_matches_one_shot(make_engine) -> None:
+    one_shot = run_one(make_engine(max_batched_tokens=256), PROMPTS[5], **GREEDY, max_tokens=8, prompt_logprobs=0)
+    chunked = run_one(make_engine(max_batched_tokens=5, max_num_seqs=1), PROMPTS[5], **GREEDY, max_tokens=8,
+                      prompt_logprobs=0)
+    assert chunked.output_ids == one_shot.output_ids
+    assert chunked.prompt_logprobs == pytest.approx(one_shot.prompt_logprobs, abs=1e-4)
+    assert len(one_shot.prompt_logprobs) == len(one_shot.prompt_ids) - 1
+
+
+def test_fork_continues_like_the_unforked_sequence(make_engine) -> None:
+    reference = run_one(make_engine(), PROMPTS[2], **GREEDY, max_tokens=10)
+    engine = make_engine()
+    parent = engine.add_request(PROMPTS[2], SamplingParams(**GREEDY, max_tokens=10))
+    while len(parent.output_ids) < 4:
+        engine.step()
+    parent_blocks = engine.kv.allocator.block_table(parent.handle)
+    children = engine.fork(parent.seq_id, 2)
+    # O(1) fork: the children hold the parent's blocks, shared, not copies.
+    for child in children:
+        assert engine.kv.allocator.block_table(child.handle) == parent_blocks
+    assert all(engine.kv.allocator.refcount(b) == 3 for b in parent_blocks)
+    engine.run_until_done([parent, *children])
+    for seq in (parent, *children):
+        assert seq.output_ids == reference.output_ids
+    assert engine.kv.allocator.num_free_blocks() == engine.kv.num_blocks
+
+
+def test_sampled_forks_take_different_branches(make_engine) -> None:
+    engine = make_engine()
+    parent = engine.add_request(PROMPTS[0], SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True))
+    engine.step()  # prefill and the first token
+    children = engine.fork(parent.seq_id, 3)
+    engine.run_until_done([parent, *children])
+    outputs = [tuple(s.output_ids) for s in (parent, *children)]
+    assert len({o[0] for o in outputs}) == 1  # the shared token before the fork
+    assert len(set(outputs)) == 4
+
+
+def test_append_then_commit_equals_the_whole_prompt(make_engine) -> None:
+    first, rest = "Here is a list of the planets of the solar system,", " in order from the Sun: Mercury,"
+    engine = make_engine()
+    whole_ids = engine.tokenizer.encode(first) + engine.tokenizer.encode(rest, add_bos=False)
+    reference = run_one(make_engine(), whole_ids, **GREEDY, max_tokens=8)
+    seq = engine.add_request(first, SamplingParams(**GREEDY, max_tokens=8), generate=False)
+    while engine.has_work():
+        assert not [o for o in engine.step() if o.token_id is not None]  # prefill only, no output
+    assert seq.num_computed == seq.num_tokens
+    engine.append(seq.seq_id, rest)
+    engine.commit(seq.seq_id)
+    engine.run_until_done([seq])
+    assert seq.output_ids == reference.output_ids
+
+
+def test_truncate_rolls_back_and_regenerates(make_engine) -> None:
+    engine = make_engine()
+    seq = engine.add_request(PROMPTS[4], SamplingParams(**GREEDY, max_tokens=10))
+    while len(seq.output_ids) < 8:
+        engine.step()
+    first_run = list(seq.output_ids)
+    prompt_len = seq.num_prompt_tokens
+    engine.truncate(seq.seq_id, prompt_len + 3)
+    assert seq.output_ids == first_run[:3]
+    assert engine.kv.allocator.num_tokens(seq.handle) <= prompt_len + 3
+    engine.run_until_done([seq])
+    assert seq.output_ids[:8] == first_run  # greedy: the same continuation again
+    assert len(seq.output_ids) == 10
+
+
+def test_cancel_ends_once_at_the_next_step_and_frees_blocks(make_engine) -> None:
+    engine = make_engine()
+    keep = engine.add_request(PROMPTS[0], SamplingParams(**GREEDY, max_tokens=6))
+    victim = engine.add_request(PROMPTS[1], SamplingParams(**GREEDY, max_tokens=50))
+    engine.step()
+    engine.step()
+    engine.cancel(victim.seq_id)
+    engine.cancel(victim.seq_id)  # twice: still one terminal status
+    terminal = [o for o in engine.step() if o.seq_id == victim.seq_id]
+    assert [o.finish_reason for o in terminal] == [FinishReason.CANCELLED]
+    assert all(o.token_id is None for o in terminal)
+    engine.run_until_done([keep])
+    assert not [o for o in engine.step() if o.seq_id == victim.seq_id]
+    assert engine.kv.allocator.num_free_blocks() == engine.kv.num_blocks
+    with pytest.raises(InvalidRequestError, match="not live"):
+        engine.append(victim.seq_id, [1])
+
+
+def test_stop_string_cuts_text_and_is_never_streamed(make_engine) -> None:
+    engine = make_engine()
+    free = run_one(engine, PROMPTS[6], **GREEDY, max_tokens=20)
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
+    assert len(stop) == 3
+    streamed = "".join(o.text for o in engine.stream(PROMPTS[6], SamplingParams(**GREEDY, max_tokens=20, stop=[stop])))
+    assert streamed == free.text[:free.text.index(stop)]
+
+
+def test_eos_stops_a_chat_answer(make_engine) -> None:
+    engine = make_engine()
+    ids = engine.encode_chat([{"role": "user", "content": "Say hello."}])
+    result = run_one(engine, ids, temperature=0.0, max_tokens=200)
+    assert result.finish_reason is FinishReason.STOP
+    assert result.output_ids[-1] in engine.tokenizer.stop_ids
+    assert "<|im_end|>" not in result.text
+
+
+def test_min_tokens_holds_back_eos(make_engine) -> None:
+    engine = make_engine()
+    ids = engine.encode_chat([{"role": "user", "content": "Say hello."}])
+    natural = run_one(engine, ids, temperature=0.0, max_tokens=200)
+    forced = run_one(engine, ids, temperature=0.0, max_tokens=200, min_tokens=len(natural.output_ids) + 5)
+    assert len(forced.output_ids) >= len(natural.output_ids) + 5
+    assert not set(forced.output_ids[:-1]) & engine.tokenizer.stop_ids
+
+
+def test_max_tokens_gives_length(make_engine) -> None:
+    result = run_one(make_engine(), PROMPTS[0], **GREEDY, max_tokens=3)
+    assert result.finish_reason is FinishReason.LENGTH and len(result.output_ids) == 3
+
+
+def test_small_arena_preempts_and_still_finishes_identically(make_engine) -> None:
+    params = [SamplingParams(**GREEDY, max_tokens=24) for _ in PROMPTS]
+    roomy = make_engine().generate(PROMPTS, params)
+    tight = make_engine(kv_memory_bytes=12 * 16 * 46080, max_model_len=150)  # 12 blocks for 8 requests
+    assert tight.kv.num_blocks == 12
+    cramped = tight.generate(PROMPTS, params)
+    assert [r.output_ids for r in cramped] == [r.output_ids for r in roomy]
+    assert tight.kv.allocator.num_free_blocks() == 12
+
+
+def test_too_long_prompt_is_refused(make_engine) -> None:
+    engine = make_engine(max_model_len=64)
+    with pytest.raises(ContextLengthError, match="context holds 64"):
+        engine.add_request(list(range(100, 170)), SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        engine.add_request([1, 10**6], SamplingParams(max_tokens=1))
