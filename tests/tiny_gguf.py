@@ -61,12 +61,12 @@ def _encode(w: np.ndarray, qtype: GGMLQuantizationType, rng: np.random.Generator
         return w.astype(np.float16), qtype
     try:
         return quantize(w.astype(np.float32), qtype), qtype
-    except NotImplementedError:
+    except (NotImplementedError, ValueError):
         # gguf-py cannot quantize K-quants: write random blocks with finite, small scales.
         block, size = GGML_QUANT_SIZES[qtype]
         rows, cols = w.shape
         raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-        scale_at = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}[qtype]
+        scale_at = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}.get(qtype, ())
         for off in scale_at:
             raw[:, off:off + 2] = (rng.random(len(raw)) * 0.01).astype(np.float16).view(np.uint8).reshape(-1, 2)
         return raw.reshape(rows, -1), qtype

@@ -1,0 +1,220 @@
+#include "block_allocator.h"
+
+#include <limits>
+
+namespace lockstep {
+
+namespace {
+
+// Block ids and depths are stored as int32 to keep the per-block arrays small, and
+// capping block_size too keeps num_blocks * block_size (the most tokens a sequence can
+// hold) far below int64 overflow.
+constexpr std::int64_t kMaxDimension = std::numeric_limits<std::int32_t>::max();
+
+void check_dimension(const char* name, std::int64_t value) {
+  if (value < 1 || value > kMaxDimension) {
+    throw std::invalid_argument(std::string(name) + " must be in [1, " +
+                                std::to_string(kMaxDimension) + "], got " +
+                                std::to_string(value));
+  }
+}
+
+void check_count(const char* name, std::int64_t value) {
+  if (value < 0) {
+    throw std::invalid_argument(std::string(name) + " must be >= 0, got " +
+                                std::to_string(value));
+  }
+}
+
+}  // namespace
+
+BlockAllocator::BlockAllocator(std::int64_t num_blocks, std::int64_t block_size)
+    : num_blocks_(num_blocks), block_size_(block_size) {
+  check_dimension("num_blocks", num_blocks);
+  check_dimension("block_size", block_size);
+  const auto n = static_cast<std::size_t>(num_blocks);
+  prev_.assign(n, kNone);
+  jump_.assign(n, kNone);
+  depth_.assign(n, 0);
+  node_refs_.assign(n, 0);
+  // Highest id at the bottom so that pops from the back give 0, 1, 2, ...
+  free_.reserve(n);
+  for (std::int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<Block>(b));
+}
+
+BlockAllocator::Sequence& BlockAllocator::lookup(Handle h) {
+  auto it = seqs_.find(h);
+  if (it == seqs_.end()) {
+    throw std::invalid_argument("h: unknown sequence handle " + std::to_string(h));
+  }
+  return it->second;
+}
+
+const BlockAllocator::Sequence& BlockAllocator::lookup(Handle h) const {
+  return const_cast<BlockAllocator*>(this)->lookup(h);
+}
+
+std::int64_t BlockAllocator::blocks_for(std::int64_t tokens) const {
+  return tokens == 0 ? 0 : (tokens - 1) / block_size_ + 1;
+}
+
+std::int64_t BlockAllocator::needed(const Sequence& s, std::int64_t n) const {
+  if (n == 0) return 0;
+  const std::int64_t used = s.tokens % block_size_;
+  const std::int64_t room = used == 0 ? 0 : block_size_ - used;
+  // Written as (n - room - 1) / bs + 1 rather than a ceil of (tokens + n) so that a huge n
+  // cannot overflow; it just asks for more blocks than the arena has.
+  const std::int64_t fresh = n <= room ? 0 : (n - room - 1) / block_size_ + 1;
+  // The next token lands in the partial tail block; if another sequence can see that
+  // block, writing it in place would change that sequence's KV.
+  const std::int64_t cow = (used != 0 && node_refs_[s.tail] > 1) ? 1 : 0;
+  return fresh + cow;
+}
+
+BlockAllocator::Block BlockAllocator::make_node(Block prev) {
+  const Block b = free_.back();
+  free_.pop_back();
+  prev_[b] = prev;
+  if (prev == kNone) {
+    depth_[b] = 0;
+    jump_[b] = b;
+  } else {
+    depth_[b] = depth_[prev] + 1;
+    // Skew-binary jumps: if prev's jump and its jump's jump span equal distances, skip
+    // both; otherwise jump one step. This keeps every ancestor O(log depth) hops away.
+    const Block j = jump_[prev];
+    const Block jj = jump_[j];
+    jump_[b] = (depth_[prev] - depth_[j] == depth_[j] - depth_[jj]) ? jj : prev;
+  }
+  node_refs_[b] = 1;
+  return b;
+}
+
+void BlockAllocator::release(Block node) {
+  // A node that reaches zero references also drops its hold on its predecessor, so a
+  // chain only this sequence used unwinds here, tail first.
+  while (node != kNone && --node_refs_[node] == 0) {
+    free_.push_back(node);
+    node = prev_[node];
+  }
+}
+
+BlockAllocator::Block BlockAllocator::ancestor_at(Block node, std::int32_t depth) const {
+  while (depth_[node] > depth) {
+    const Block j = jump_[node];
+    node = depth_[j] >= depth ? j : prev_[node];
+  }
+  return node;
+}
+
+BlockAllocator::Handle BlockAllocator::new_sequence() {
+  const Handle h = next_handle_++;
+  seqs_.emplace(h, Sequence{});
+  return h;
+}
+
+std::int64_t BlockAllocator::blocks_needed(Handle h, std::int64_t n) const {
+  const Sequence& s = lookup(h);
+  check_count("n", n);
+  return needed(s, n);
+}
+
+std::vector<BlockAllocator::Copy> BlockAllocator::append(Handle h, std::int64_t n) {
+  Sequence& s = lookup(h);
+  check_count("n", n);
+  const std::int64_t need = needed(s, n);
+  // Checked up front so that a failure leaves every table, count and the free list as
+  // they were: the scheduler can then preempt something and retry.
+  if (need > num_free_blocks()) {
+    throw ArenaExhausted("KV arena exhausted: need " + std::to_string(need) + " blocks, " +
+                         std::to_string(num_free_blocks()) + " free of " +
+                         std::to_string(num_blocks_));
+  }
+  std::vector<Copy> copies;
+  if (n == 0) return copies;
+
+  std::int64_t fresh = need;
+  if (s.tokens % block_size_ != 0 && node_refs_[s.tail] > 1) {
+    // Copy-on-write: a private node in the tail's place, after the tail's predecessor.
+    const Block old = s.tail;
+    const Block prev = prev_[old];
+    const Block copy = make_node(prev);
+    if (prev != kNone) ++node_refs_[prev];  // the copy is a new child of prev
+    --node_refs_[old];                      // still > 0: someone else holds it
+    copies.emplace_back(old, copy);
+    s.tail = copy;
+    --fresh;
+  }
+  for (; fresh > 0; --fresh) {
+    // The sequence's reference to its old tail becomes the new node's prev link, so the
+    // old tail's count is unchanged.
+    s.tail = make_node(s.tail);
+  }
+  s.tokens += n;
+  return copies;
+}
+
+BlockAllocator::Handle BlockAllocator::fork(Handle h) {
+  const Sequence parent = lookup(h);
+  if (parent.tail != kNone) ++node_refs_[parent.tail];
+  const Handle child = next_handle_++;
+  seqs_.emplace(child, parent);
+  return child;
+}
+
+void BlockAllocator::truncate(Handle h, std::int64_t n_tokens) {
+  Sequence& s = lookup(h);
+  check_count("n_tokens", n_tokens);
+  if (n_tokens > s.tokens) {
+    throw std::invalid_argument("n_tokens=" + std::to_string(n_tokens) +
+                                " is beyond the sequence length " + std::to_string(s.tokens));
+  }
+  for (std::int64_t drop = blocks_for(s.tokens) - blocks_for(n_tokens); drop > 0; --drop) {
+    // Take a direct hold on the predecessor before letting go of the tail, so release()
+    // frees at most the tail itself and blocks leave in tail-first order.
+    const Block old = s.tail;
+    s.tail = prev_[old];
+    if (s.tail != kNone) ++node_refs_[s.tail];
+    release(old);
+  }
+  s.tokens = n_tokens;
+}
+
+void BlockAllocator::free(Handle h) {
+  const Sequence& s = lookup(h);
+  release(s.tail);
+  seqs_.erase(h);
+}
+
+std::int64_t BlockAllocator::num_tokens(Handle h) const { return lookup(h).tokens; }
+
+std::vector<BlockAllocator::Block> BlockAllocator::block_table(Handle h) const {
+  const Sequence& s = lookup(h);
+  std::vector<Block> table(static_cast<std::size_t>(blocks_for(s.tokens)));
+  Block node = s.tail;
+  for (auto it = table.rbegin(); it != table.rend(); ++it) {
+    *it = node;
+    node = prev_[node];
+  }
+  return table;
+}
+
+std::int64_t BlockAllocator::refcount(std::int64_t block) const {
+  if (block < 0 || block >= num_blocks_) {
+    throw std::invalid_argument("block must be in [0, " + std::to_string(num_blocks_) +
+                                "), got " + std::to_string(block));
+  }
+  const auto b = static_cast<Block>(block);
+  if (node_refs_[b] == 0) return 0;
+  // A sequence holds b exactly when its chain passes through b, i.e. when its ancestor at
+  // b's depth is b itself.
+  const std::int32_t depth = depth_[b];
+  std::int64_t count = 0;
+  for (const auto& entry : seqs_) {
+    const Block tail = entry.second.tail;
+    if (tail != kNone && depth_[tail] >= depth && ancestor_at(tail, depth) == b) ++count;
+  }
+  return count;
+}
+
+}  // namespace lockstep

@@ -1,0 +1,91 @@
+"""The command line, run as a user runs it: streaming output, and one-line errors for bad input."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiny_gguf import T, TinySpec, write_tiny_gguf
+
+
+def lockstep(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lockstep.runtime.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_generate_streams_a_reply_with_no_flags(default_model_path: Path) -> None:
+    proc = lockstep("generate", "--temperature", "0", "--max-tokens", "12", "What is 2+2?")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "tok/s decode" in proc.stderr and "TTFT" in proc.stderr
+
+
+def test_chat_keeps_history(default_model_path: Path) -> None:
+    stdin = "My name is Ada.\nWhat is my name?\n/exit\n"
+    proc = lockstep("chat", "--temperature", "0", "--max-tokens", "24", stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    assert "Ada" in proc.stdout.split("\n", 1)[1]  # the second answer knows the first turn
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "fetch"])
+def test_help_has_examples(command: str) -> None:
+    proc = lockstep(command, "--help")
+    assert proc.returncode == 0 and "examples:" in proc.stdout
+
+
+def test_missing_model_file(tmp_path: Path) -> None:
+    assert_one_line_error(lockstep("generate", "--model", str(tmp_path / "nope.gguf"), "hi"), "no such file")
+
+
+def test_corrupt_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(np.random.default_rng().integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    assert_one_line_error(lockstep("generate", "--model", str(bad), "hi"), "not a valid GGUF")
+
+
+def test_truncated_gguf(tmp_path: Path, default_model_path: Path) -> None:
+    cut = tmp_path / "truncated.gguf"
+    with open(default_model_path, "rb") as src:
+        cut.write_bytes(src.read(60 << 20))
+    assert_one_line_error(lockstep("generate", "--model", str(cut), "hi"), "truncated")
+
+
+def test_unsupported_quantization(tmp_path: Path) -> None:
+    model = write_tiny_gguf(tmp_path / "q2k.gguf", TinySpec(qtype=T.Q2_K, hidden=256, ffn=256))
+    assert_one_line_error(lockstep("generate", "--model", str(model), "hi"), "Q2_K", "not support")
+
+
+def test_unsupported_architecture(tmp_path: Path) -> None:
+    model = write_tiny_gguf(tmp_path / "falcon.gguf", TinySpec(arch="falcon"))
+    assert_one_line_error(lockstep("generate", "--model", str(model), "hi"), "falcon", "not supported")
+
+
+def test_wrong_tensor_shape(tmp_path: Path) -> None:
+    model = write_tiny_gguf(tmp_path / "shape.gguf", TinySpec(bad_shape=True))
+    assert_one_line_error(lockstep("generate", "--model", str(model), "hi"), "attn_k")
+
+
+def test_prompt_longer_than_the_context(default_model_path: Path) -> None:
+    proc = lockstep("generate", "--max-model-len", "64", "--raw", "word " * 200)
+    assert_one_line_error(proc, "context holds 64")
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--temperature", "-1"], "temperature"), (["--top-p", "1.5"], "top_p"), (["--top-k", "-5"], "top_k"),
+    (["--max-tokens", "-2"], "max_tokens"),
+])
+def test_invalid_sampling_parameters(flags: list[str], field: str) -> None:
+    assert_one_line_error(lockstep("generate", *flags, "hi"), field)
