@@ -21,7 +21,7 @@ def default_model(default_model_path: Path):
     return load_model(default_model_path, quiet=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_engine(default_model):
     """Builds a fresh engine (own KV arena and scheduler) over the shared default model."""
     from lockstep.runtime.config import EngineConfig

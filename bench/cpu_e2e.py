@@ -1,0 +1,178 @@
+"""End-to-end CPU figures for the default model: lockstep against HF transformers, same run.
+
+Measures, at batch 1 and a fixed thread count (default 2):
+  * start-up: process start to a ready engine, in a fresh process (the user's wait);
+  * TTFT for a ~100-token prompt (prefill + the first token);
+  * decode tok/s over 128 new tokens (EOS ignored so both make exactly 128).
+HF transformers loads the same GGUF (dequantized to float32, as lockstep's torch backend does)
+and decodes greedily with `generate`; a streamer timestamps each of its tokens.
+
+    .venv/bin/python bench/cpu_e2e.py                 # both, 2 threads, 3 repeats
+    .venv/bin/python bench/cpu_e2e.py --skip-hf       # lockstep only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+PROMPT = (
+    "You are reading a report about the history of computing. Charles Babbage designed the "
+    "Analytical Engine in the 1830s, a mechanical general-purpose computer with an arithmetic "
+    "logic unit, control flow in the form of conditional branching and loops, and integrated "
+    "memory. Ada Lovelace wrote what is recognised as the first algorithm intended to be carried "
+    "out by such a machine. A century later, Alan Turing formalised computation with the Turing "
+    "machine. Summarise the key ideas of this report and explain why they still matter today:"
+)
+
+STARTUP_SNIPPET = """
+import time, sys
+t0 = time.perf_counter()
+from lockstep.runtime.loader import load_model
+from lockstep.runtime.engine import Engine
+from lockstep.runtime.config import EngineConfig
+engine = Engine(load_model(None, quiet=True), EngineConfig(threads={threads}))
+print(time.perf_counter() - t0)
+"""
+
+
+def measure_startup(threads: int, repeats: int) -> dict:
+    """Wall time from spawning `python` to a ready engine, and the part spent inside Python."""
+    walls, inside = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", STARTUP_SNIPPET.format(threads=threads)],
+                             capture_output=True, text=True, check=True)
+        walls.append(time.perf_counter() - t0)
+        inside.append(float(out.stdout.strip().splitlines()[-1]))
+    return {"process_start_to_ready_s": statistics.median(walls), "import_and_load_s": statistics.median(inside)}
+
+
+def timing_summary(prompt_start: float, token_times: list[float]) -> dict:
+    ttft = token_times[0] - prompt_start
+    decode = (len(token_times) - 1) / (token_times[-1] - token_times[0])
+    return {"ttft_ms": 1000 * ttft, "decode_tok_s": decode, "new_tokens": len(token_times)}
+
+
+def run_lockstep(prompt_ids: list[int], new_tokens: int, repeats: int, threads: int) -> list[dict]:
+    from lockstep.runtime.config import EngineConfig
+    from lockstep.runtime.engine import Engine
+    from lockstep.runtime.loader import load_model
+    from lockstep.runtime.sampling_params import SamplingParams
+
+    engine = Engine(load_model(None, quiet=True), EngineConfig(threads=threads))
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    engine.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
+    runs = []
+    for _ in range(repeats):
+        seq = engine.add_request(prompt_ids, params)
+        start = seq.arrival_time
+        times = engine.run_until_done([seq])[seq.seq_id]
+        runs.append(timing_summary(start, times))
+    return runs
+
+
+def run_hf(model_path: Path, prompt_ids: list[int], new_tokens: int, repeats: int) -> tuple[float, list[dict]]:
+    from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name,
+                                                 dtype=torch.float32)
+    model.eval()
+    load_s = time.perf_counter() - t0
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.saw_prompt = False
+
+        def put(self, value) -> None:
+            if not self.saw_prompt:  # generate() first hands the streamer the prompt
+                self.saw_prompt = True
+                return
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    ids = torch.tensor([prompt_ids])
+    runs = []
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up
+        for _ in range(repeats):
+            clock = Clock()
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           streamer=clock, pad_token_id=0)
+            runs.append(timing_summary(start, clock.times))
+    return load_s, runs
+
+
+def median_run(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-hf", action="store_true", help="measure lockstep only")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_e2e.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from lockstep.runtime.fetch import ensure_model
+    from lockstep.runtime.loader import load_model
+
+    model_path = ensure_model()
+    tokenizer = load_model(None, quiet=True).tokenizer
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]), add_bos=False)
+
+    print(f"default model, {len(prompt_ids)}-token prompt, {args.new_tokens} new tokens, batch 1, "
+          f"{args.threads} threads, median of {args.repeats}", file=sys.stderr)
+    startup = measure_startup(args.threads, args.repeats)
+    ours = median_run(run_lockstep(prompt_ids, args.new_tokens, args.repeats, args.threads))
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True, cwd=Path(__file__).parent).stdout.strip(),
+        "prompt_tokens": len(prompt_ids), "new_tokens": args.new_tokens,
+        "lockstep": {**startup, **ours},
+    }
+    rows = [("lockstep (torch backend)", f"{startup['process_start_to_ready_s']:.2f}", ours)]
+    if not args.skip_hf:
+        import transformers
+
+        hf_load, hf_runs = run_hf(model_path, prompt_ids, args.new_tokens, args.repeats)
+        hf = median_run(hf_runs)
+        result["hf_transformers"] = {"version": transformers.__version__, "load_s": hf_load, **hf}
+        result["ratios"] = {"decode_vs_hf": ours["decode_tok_s"] / hf["decode_tok_s"],
+                            "ttft_vs_hf": ours["ttft_ms"] / hf["ttft_ms"]}
+        rows.append((f"HF transformers {transformers.__version__}", f"{hf_load:.2f} (load only)", hf))
+
+    print("| runtime | start-up s | TTFT ms | decode tok/s |\n|---|---|---|---|")
+    for name, start, r in rows:
+        print(f"| {name} | {start} | {r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} |")
+    if "ratios" in result:
+        print(f"\nlockstep vs HF: decode {result['ratios']['decode_vs_hf']:.2f}x, "
+              f"TTFT {result['ratios']['ttft_vs_hf']:.2f}x (lower is better)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

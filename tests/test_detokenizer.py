@@ -1,0 +1,168 @@
+"""Streaming detokenization: the deltas must add up to what one whole decode gives.
+
+The reference is the tokenizers library decoding the full output at once. Byte-level BPE
+decoding has no context, so for the default model the streamed text must equal it exactly,
+and no delta may show U+FFFD while a character's bytes are still arriving.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from lockstep.runtime.detokenizer import IncrementalDetokenizer
+from lockstep.runtime.tokenizer import Tokenizer
+
+FFFD = "\ufffd"
+MULTIBYTE_TEXTS = [
+    "emoji 😀👍🏽🤖🇫🇷 and families 👨‍👩‍👧‍👦 at the end 🦄",
+    "中文测试，你好世界。日本語のテキストです。한국어 텍스트도 있어요.",
+    "Café naïve résumé — Ångström façade jalapeño … “quotes” ½ ≤ ∞",
+    "Mixed: Привет 😀 мир 中文 ok\n\n🎉🎉🎉 done",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕞𝕒𝕥𝕙 𓀀 ꙮ",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(default_model_path: Path) -> Tokenizer:
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(default_model_path)
+    return Tokenizer.from_gguf_metadata({k: f.contents() for k, f in reader.fields.items()
+                                         if not k.startswith("GGUF.")})
+
+
+def stream(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
+    return [detok.push(t) for t in ids]
+
+
+def test_stream_equals_whole_decode_for_random_tokens(tok: Tokenizer) -> None:
+    rng = random.Random(0)
+    for trial in range(150):
+        skip = trial % 2 == 0
+        prompt = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(0, 8))]
+        outputs = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 40))]
+        outputs += rng.sample(range(17), 2)  # special tokens in the mix
+        rng.shuffle(outputs)
+        detok = IncrementalDetokenizer(tok, prompt, skip)
+        deltas = stream(detok, outputs)
+        deltas.append(detok.flush())
+        expected = tok.decode(outputs, skip_special_tokens=skip)
+        assert "".join(deltas) == expected, (prompt, outputs, skip)
+        assert detok.text == expected
+
+
+def test_multibyte_text_streams_without_replacement_chars(tok: Tokenizer) -> None:
+    split_chars = 0
+    for text in MULTIBYTE_TEXTS:
+        ids = tok.encode(text)
+        # The test only means something if characters really are split across tokens.
+        split_chars += sum(FFFD in tok.decode([i]) for i in ids)
+        for prompt in ([], tok.encode("<|im_start|>assistant\n"), tok.encode("中文")):
+            detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=True)
+            deltas = stream(detok, ids)
+            bad = [(i, d) for i, d in enumerate(deltas) if FFFD in d]
+            assert not bad, f"U+FFFD emitted mid-character in {text!r}: {bad[:3]}"
+            assert detok.flush() == ""
+            assert "".join(deltas) == text == detok.text
+    assert split_chars > 10
+
+
+def test_a_split_character_is_held_until_complete(tok: Tokenizer) -> None:
+    ids = tok.encode("a🦄")
+    assert len(ids) >= 3  # "a" plus the unicorn's 4 bytes in several tokens
+    detok = IncrementalDetokenizer(tok, [])
+    deltas = stream(detok, ids)
+    assert deltas[0] == "a"
+    assert all(d == "" for d in deltas[1:-1])
+    assert deltas[-1] == "🦄"
+
+
+def test_flush_emits_an_incomplete_tail(tok: Tokenizer) -> None:
+    ids = tok.encode("ok 🦄")[:-1]  # the last byte never comes
+    detok = IncrementalDetokenizer(tok, [])
+    shown = "".join(stream(detok, ids))
+    assert shown.startswith("ok") and FFFD not in shown
+    tail = detok.flush()
+    assert tail.endswith(FFFD) and shown + tail == tok.decode(ids)
+    assert detok.flush() == ""
+
+
+def test_special_tokens_follow_skip_flag(tok: Tokenizer) -> None:
+    ids = tok.encode("Hi<|im_end|> there")
+    assert 2 in ids
+    skipped = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
+    kept = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
+    assert "".join(stream(skipped, ids)) == "Hi there"
+    assert "".join(stream(kept, ids)) == "Hi<|im_end|> there"
+
+
+def test_clone_is_independent(tok: Tokenizer) -> None:
+    common, left, right = tok.encode("Once upon 🦄"), tok.encode(" a time 中文"), tok.encode(" the end 😀")
+    cut = len(common) - 1  # fork with the unicorn's last byte still missing
+    parent = IncrementalDetokenizer(tok, [])
+    stream(parent, common[:cut])
+    child = parent.clone()
+    tail = common[cut:]
+    a = stream(parent, tail + left)
+    b = stream(child, tail + right)
+    assert parent.text == tok.decode(common + left)
+    assert child.text == tok.decode(common + right)
+    assert "".join(a) != "".join(b)
+
+
+def test_truncate_then_push_matches_a_fresh_detokenizer(tok: Tokenizer) -> None:
+    rng = random.Random(1)
+    texts = MULTIBYTE_TEXTS + ["plain ascii text, with some words and 12345 numbers."]
+    for trial in range(60):
+        text = texts[trial % len(texts)]
+        ids = tok.encode(text)
+        extra = tok.encode(rng.choice(MULTIBYTE_TEXTS))[: rng.randint(1, 12)]
+        keep = rng.randint(0, len(ids))
+        skip = rng.random() < 0.5
+        prompt = tok.encode("<|im_start|>assistant\n")
+
+        detok = IncrementalDetokenizer(tok, prompt, skip)
+        stream(detok, ids)
+        if trial % 3 == 0:
+            detok.flush()  # truncation forgets a flush too
+        detok.truncate(keep)
+        after = stream(detok, extra)
+
+        fresh = IncrementalDetokenizer(tok, prompt, skip)
+        before_fresh = stream(fresh, ids[:keep])
+        assert detok.num_outputs == keep + len(extra)
+        assert after == stream(fresh, extra), (text, keep, extra)
+        assert detok.text == fresh.text == "".join(before_fresh) + "".join(after)
+        assert detok.flush() == fresh.flush()
+
+
+def test_truncate_rejects_out_of_range(tok: Tokenizer) -> None:
+    detok = IncrementalDetokenizer(tok, [])
+    stream(detok, tok.encode("abc"))
+    with pytest.raises(ValueError):
+        detok.truncate(detok.num_outputs + 1)
+    detok.truncate(0)
+    assert detok.text == "" and detok.num_outputs == 0
+
+
+class _CountingTokenizer:
+    """Wraps a tokenizer and records how many ids each decode call gets."""
+
+    def __init__(self, inner: Tokenizer) -> None:
+        self.inner = inner
+        self.sizes: list[int] = []
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        self.sizes.append(len(ids))
+        return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_per_token_work_does_not_grow_with_the_output(tok: Tokenizer) -> None:
+    text = " ".join(["The quick brown fox jumps over the lazy dog 😀 中文."] * 40)
+    ids = tok.encode(text)
+    counting = _CountingTokenizer(tok)
+    detok = IncrementalDetokenizer(counting, tok.encode("a prompt of several tokens here"))  # type: ignore[arg-type]
+    assert "".join(stream(detok, ids)) == text
+    assert len(ids) > 400
+    assert max(counting.sizes) <= 12, f"a decode saw {max(counting.sizes)} tokens; the window should stay small"
