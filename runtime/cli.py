@@ -13,6 +13,8 @@ import time
 
 from .errors import LockstepError
 
+log = logging.getLogger("lockstep")
+
 EXAMPLES = {
     "generate": """examples:
   lockstep generate "Write a haiku about the sea."
@@ -169,6 +171,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         try:
             ids = engine.encode_chat(system + history)
+            log.info("turn %d: %d prompt tokens from %d messages", (len(history) + 1) // 2, len(ids),
+                     len(system) + len(history))
             reply = []
             try:
                 for out in engine.stream(ids, params):

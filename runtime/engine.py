@@ -161,6 +161,10 @@ class Engine:
         ids = self.tokenizer.encode(tokens, add_bos=False) if isinstance(tokens, str) else list(tokens)
         self._check_ids(ids)
         self._check_length(seq.num_tokens + len(ids), 0)
+        if seq.output_ids:
+            # Output text must not run on into what comes after the new input: emit any
+            # character still pending in the detokenizer now.
+            seq.text += seq.detok.flush()
         seq.token_ids.extend(ids)
 
     def commit(self, seq_id: int, params: SamplingParams | None = None) -> None:

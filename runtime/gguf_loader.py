@@ -76,7 +76,15 @@ def load_gguf(path: Path, home: Path | None = None) -> tuple[ModelConfig, ModelW
     stats.parse_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tokenizer = Tokenizer.from_json(index.tokenizer_json, index.tokenizer_info)
+    try:
+        tokenizer = Tokenizer.from_json(index.tokenizer_json, index.tokenizer_info)
+    except ModelLoadError:
+        if not stats.index_cached:
+            raise
+        # A cached tokenizer this version cannot read is only a stale cache: parse the file again.
+        _index_path(path, home).unlink(missing_ok=True)
+        index, stats.index_cached = _load_index(path, home)
+        tokenizer = Tokenizer.from_json(index.tokenizer_json, index.tokenizer_info)
     stats.tokenizer_s = time.perf_counter() - t0
 
     tensors = {canonical_name(t.name): t for t in index.tensors}

@@ -34,10 +34,16 @@ def test_generate_streams_a_reply_with_no_flags(default_model_path: Path) -> Non
 
 
 def test_chat_keeps_history(default_model_path: Path) -> None:
-    stdin = "My name is Ada.\nWhat is my name?\n/exit\n"
-    proc = lockstep("chat", "--temperature", "0", "--max-tokens", "24", stdin=stdin)
+    """Each turn's prompt holds the turns before it; /reset starts again."""
+    stdin = "My name is Ada.\nWhat is my name?\n/reset\nWhat is my name?\n/exit\n"
+    proc = lockstep("chat", "-v", "--temperature", "0", "--max-tokens", "16", stdin=stdin)
     assert proc.returncode == 0, proc.stderr
-    assert "Ada" in proc.stdout.split("\n", 1)[1]  # the second answer knows the first turn
+    turns = [line for line in proc.stderr.splitlines() if "prompt tokens from" in line]
+    sizes = [int(line.split("prompt tokens")[0].split()[-1]) for line in turns]
+    messages = [int(line.split("from ")[1].split()[0]) for line in turns]
+    assert messages == [1, 3, 1], proc.stderr
+    assert sizes[1] > sizes[0] + 5 and sizes[2] < sizes[1], sizes
+    assert len([line for line in proc.stdout.splitlines() if line.strip()]) >= 3
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "fetch"])
