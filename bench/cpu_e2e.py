@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -27,10 +28,9 @@ import torch
 PROMPT = (
     "You are reading a report about the history of computing. Charles Babbage designed the "
     "Analytical Engine in the 1830s, a mechanical general-purpose computer with an arithmetic "
-    "logic unit, control flow in the form of conditional branching and loops, and integrated "
-    "memory. Ada Lovelace wrote what is recognised as the first algorithm intended to be carried "
-    "out by such a machine. A century later, Alan Turing formalised computation with the Turing "
-    "machine. Summarise the key ideas of this report and explain why they still matter today:"
+    "logic unit and conditional branching. Ada Lovelace wrote what is recognised as the first "
+    "algorithm intended to be carried out by such a machine. Summarise the key ideas of this "
+    "report and explain why they still matter:"
 )
 
 STARTUP_SNIPPET = """
@@ -42,6 +42,16 @@ from lockstep.runtime.config import EngineConfig
 engine = Engine(load_model(None, quiet=True), EngineConfig(threads={threads}))
 print(time.perf_counter() - t0)
 """
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def measure_startup(threads: int, repeats: int) -> dict:
@@ -144,7 +154,7 @@ def main() -> int:
     ours = median_run(run_lockstep(prompt_ids, args.new_tokens, args.repeats, args.threads))
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
                     "python": platform.python_version(), "torch": torch.__version__},
         "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True, cwd=Path(__file__).parent).stdout.strip(),

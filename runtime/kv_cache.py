@@ -23,9 +23,11 @@ class KVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
-        # Allocated once, here; serving never allocates KV memory again.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Allocated once, here; serving never allocates KV memory again. `empty`, not `zeros`:
+        # attention reads only slots a step has written, and zeroing a 1 GiB arena on the CPU
+        # would add ~0.7 s to start-up for nothing.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks, block_size)
 
     @classmethod
