@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before triton is
+# imported anywhere. A GPU run (bench/gpu.sh) sets LOCKSTEP_TRITON_ON_GPU=1 to keep real kernels.
+if os.environ.get("LOCKSTEP_TRITON_ON_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, stated: no warning on every import
 
 import pytest
 

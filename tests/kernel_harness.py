@@ -1,0 +1,70 @@
+"""Shared pieces of the kernel tests: tolerances, NaN poisoning, and ahead-of-time compilation.
+
+Kernels run on the CPU under TRITON_INTERPRET=1 (set before triton is imported: see
+conftest.py), in float32 and float16 (the interpreter mishandles bfloat16). Every kernel is
+also compiled for real GPUs, sm_80 and sm_90, with no GPU present, so a kernel that would not
+compile on a GPU fails CI; the compiled cubin's registers, shared memory and spills are reported.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+# dtype -> (atol, rtol) for a kernel against its float64/float32 reference.
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+TEST_DTYPES = (torch.float32, torch.float16)
+GPU_ARCHS = (80, 90)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    """`scale` widens the tolerance for long reductions (e.g. sqrt of the reduction length / 8)."""
+    atol, rtol = TOLERANCE[dtype]
+    assert not torch.isnan(actual).any(), "NaN in the output: a slot was not written"
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol * scale)
+
+
+def poisoned(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An output buffer full of NaN, so a slot the kernel forgets to write shows up."""
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def _cuobjdump() -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def compile_for_gpu(fn, signature: dict[str, str], constexprs: dict[str, object], arch: int,
+                    num_warps: int = 4, num_stages: int = 3) -> dict[str, int]:
+    """Compiles a @triton.jit kernel for sm_<arch> and returns its resource usage.
+
+    `signature` maps every argument to its Triton type ("*fp16", "i32", "fp32", "constexpr").
+    """
+    if not isinstance(fn, JITFunction):  # under TRITON_INTERPRET=1, @triton.jit gives an interpreted wrapper
+        fn = JITFunction(fn.fn)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    usage = {"shared": int(compiled.metadata.shared)}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        Path(f.name).write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([str(_cuobjdump()), "-res-usage", f.name], capture_output=True, text=True).stdout
+    for key, field in (("registers", "REG"), ("stack", "STACK"), ("local", "LOCAL")):
+        m = re.search(rf"\b{field}:(\d+)", out)
+        usage[key] = int(m.group(1)) if m else -1
+    return usage
+
+
+def report_usage(name: str, arch: int, usage: dict[str, int]) -> None:
+    print(f"[aot] {name} sm_{arch}: {usage['registers']} registers, {usage['shared']} B shared, "
+          f"{usage['stack']} B stack, {usage['local']} B local (spills)")
