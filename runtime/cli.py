@@ -53,6 +53,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-memory", type=parse_size, default=parse_size("1GiB"),
                    help="memory for the KV cache arena (default: 1GiB)")
     g.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+    g.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="forward implementation: torch (reference) or triton (lockstep's kernels); "
+                        "auto = triton on CUDA, torch on the CPU")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
 
 
@@ -104,7 +108,7 @@ def _engine(args: argparse.Namespace):
 
     model = load_model(args.model)
     return Engine(model, EngineConfig(kv_memory_bytes=args.kv_memory, max_model_len=args.max_model_len,
-                                      threads=args.threads)), model
+                                      threads=args.threads, backend=args.backend, device=args.device)), model
 
 
 def _params(args: argparse.Namespace):

@@ -78,9 +78,15 @@ class EngineConfig:
     max_batched_tokens: int = 256
     max_model_len: int | None = None  # default: the model's context, capped by the KV arena
     threads: int | None = None
+    # "torch" (plain PyTorch, the reference) or "triton" (lockstep's kernels); "auto" picks triton
+    # on CUDA and torch on the CPU, where triton only runs under its slow interpreter.
+    backend: str = "auto"
+    device: str = "auto"  # "cpu", "cuda" or "auto" (CUDA when there is one)
 
     def __post_init__(self) -> None:
         checks = {
+            "backend": self.backend in ("auto", "torch", "triton"),
+            "device": self.device in ("auto", "cpu", "cuda"),
             "block_size": self.block_size >= 1,
             "kv_memory_bytes": self.kv_memory_bytes > 0,
             "max_num_seqs": self.max_num_seqs >= 1,

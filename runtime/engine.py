@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from itertools import count
@@ -54,8 +55,17 @@ class Engine:
             torch.set_num_threads(self.config.threads)
         self.model_config = model.config
         self.tokenizer = model.tokenizer
-        self.kv = KVCache.for_budget(model.config, self.config.kv_memory_bytes, self.config.block_size)
-        self.runner = TorchModel(model.config, model.weights, self.kv)
+        self.device, self.backend = select_backend(self.config)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        weights = model.weights if self.device.type == "cpu" else model.weights.to(self.device, dtype)
+        self.kv = KVCache.for_budget(model.config, self.config.kv_memory_bytes, self.config.block_size,
+                                     dtype=dtype, device=self.device)
+        if self.backend == "triton":
+            from .triton_model import TritonModel
+
+            self.runner = TritonModel(model.config, weights, self.kv)
+        else:
+            self.runner = TorchModel(model.config, weights, self.kv)
         self.scheduler = Scheduler(self.config, self.kv)
         limits = [model.config.max_position, self.kv.capacity_tokens]
         if self.config.max_model_len:
@@ -66,6 +76,7 @@ class Engine:
         self._next_branch: dict[int, int] = {}  # per fork family: the next branch number
         self._family: dict[int, int] = {}  # seq id -> id of the family's first sequence
         self._pending: list[SeqOutput] = []  # terminal outputs made between steps (cancels)
+        log.info("engine: %s backend on %s", self.backend, self.device)
         log.info("engine: %d KV blocks of %d tokens (%d tokens), max_model_len %d, %d threads",
                  self.kv.num_blocks, self.kv.block_size, self.kv.capacity_tokens, self.max_model_len,
                  torch.get_num_threads())
@@ -248,10 +259,12 @@ class Engine:
                 to_sample.append((seq, len(logit_rows)))
                 logit_rows.append(start + n - 1)
 
+        dev = self.device
         logits = self.runner.forward(StepInputs(
-            token_ids=torch.tensor(token_ids), positions=torch.tensor(positions),
-            slot_mapping=torch.cat(slots), spans=spans, logit_rows=torch.tensor(logit_rows, dtype=torch.long),
-        ))
+            token_ids=torch.tensor(token_ids, device=dev), positions=torch.tensor(positions, device=dev),
+            slot_mapping=torch.cat(slots).to(dev), spans=spans,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+        )).float().cpu()
         for item in plan:
             item.seq.num_computed += item.num_tokens
 
@@ -393,6 +406,23 @@ class Engine:
             if not seq.finished:
                 self.cancel(seq.seq_id)
                 self.step()
+
+
+def select_backend(config: EngineConfig) -> tuple[torch.device, str]:
+    """Resolves "auto" device and backend, failing loudly where a choice cannot work."""
+    cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not cuda:
+        raise InvalidRequestError("--device cuda: no CUDA device is visible to torch")
+    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and cuda) else "cpu")
+    backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+    if backend == "triton" and device.type == "cpu":
+        # Triton runs on the CPU only through its interpreter, chosen when triton is imported.
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise InvalidRequestError("--backend triton on the CPU needs TRITON_INTERPRET=1 set before "
+                                      "triton is imported; set it in the environment")
+        os.environ["TRITON_INTERPRET"] = "1"
+        log.warning("triton backend on the CPU runs under TRITON_INTERPRET=1: correct but very slow")
+    return device, backend
 
 
 def result_of(seq: Sequence, token_times: list[float] | None = None) -> RequestResult:

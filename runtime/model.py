@@ -62,8 +62,8 @@ class TorchModel:
         self.kv = kv
         freqs = torch.outer(torch.arange(config.max_position, dtype=torch.float32),
                             rope_inv_freq(config, weights.rope_freqs))
-        self.cos = freqs.cos()
-        self.sin = freqs.sin()
+        self.cos = freqs.cos().to(kv.k.device)
+        self.sin = freqs.sin().to(kv.k.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ class TorchModel:
 
         One sequence at a time: a sequence's result never depends on what else is in the step.
         """
-        out = torch.empty(q.shape[0], self.config.q_size, dtype=q.dtype)
+        out = torch.empty(q.shape[0], self.config.q_size, dtype=q.dtype, device=q.device)
         for span in spans:
             rows = slice(span.start, span.start + span.length)
             ctx = span.context_slots.numel()
@@ -118,6 +118,7 @@ class TorchModel:
                 # Query i sits at position ctx - length + i and sees keys up to there.
                 first = ctx - span.length
                 mask = torch.arange(ctx)[None, :] <= (first + torch.arange(span.length))[:, None]
+                mask = mask.to(q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[rows] = o.transpose(0, 1).reshape(span.length, -1)
         return out

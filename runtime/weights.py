@@ -48,6 +48,22 @@ class ModelWeights:
                 total += t.numel() * t.element_size()
         return total
 
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ModelWeights:
+        """The same weights on `device` in `dtype`; a tied head stays one tensor."""
+        moved: dict[int, torch.Tensor] = {}
+
+        def conv(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device=device, dtype=dtype)
+            return moved[id(t)]
+
+        layers = [LayerWeights(**{k: conv(v) for k, v in vars(layer).items()}) for layer in self.layers]
+        return ModelWeights(embed=conv(self.embed), layers=layers, final_norm=conv(self.final_norm),
+                            lm_head=conv(self.lm_head),
+                            rope_freqs=None if self.rope_freqs is None else self.rope_freqs.to(device))
+
     def _tensors(self):
         yield from (self.embed, self.final_norm, self.lm_head, self.rope_freqs)
         for layer in self.layers:

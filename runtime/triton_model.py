@@ -1,0 +1,95 @@
+"""The `triton` backend: the whole forward on lockstep's own kernels (kernels/).
+
+It computes what the `torch` backend (runtime/model.py) computes, in the same order, so the
+torch backend is its oracle: RMSNorm with the residual add fused in, RoPE fused with writing
+K/V into the paged cache, paged prefill or decode attention, and SiLU-and-mul. On CUDA it is
+the fast path; on the CPU it runs under TRITON_INTERPRET=1, slowly, to check correctness.
+
+Linear layers use torch's matmul on the loaded weights for now; the quantized GEMV
+(kernels/quant_matmul.py) takes over where weights stay quantized.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .model import StepInputs, rope_inv_freq
+from .weights import ModelWeights
+
+
+class TritonModel:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache) -> None:
+        # Imported here: choosing this backend is what brings in triton (and, on the CPU,
+        # the interpreter, which must be selected before triton is first imported).
+        from lockstep.kernels.decode_attention import decode_attention
+        from lockstep.kernels.prefill_attention import prefill_attention
+        from lockstep.kernels.rms_norm import fused_add_rms_norm, rms_norm
+        from lockstep.kernels.rope_cache import rope_and_cache
+        from lockstep.kernels.silu_and_mul import silu_and_mul
+
+        self._decode_attention = decode_attention
+        self._prefill_attention = prefill_attention
+        self._rms_norm, self._fused_add_rms_norm = rms_norm, fused_add_rms_norm
+        self._rope_and_cache = rope_and_cache
+        self._silu_and_mul = silu_and_mul
+
+        self.config = config
+        self.w = weights
+        self.kv = kv
+        self.device = kv.k.device
+        freqs = torch.outer(torch.arange(config.max_position, dtype=torch.float32),
+                            rope_inv_freq(config, weights.rope_freqs))
+        self.cos = freqs.cos().to(self.device)
+        self.sin = freqs.sin().to(self.device)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def _attention_metadata(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Block tables, context lengths and query offsets of the step's sequences."""
+        bs = self.kv.block_size
+        tables = [span.context_slots[::bs] // bs for span in inputs.spans]
+        width = max(t.numel() for t in tables)
+        block_tables = torch.zeros(len(tables), width, dtype=torch.int32)
+        for row, table in enumerate(tables):
+            block_tables[row, :table.numel()] = table
+        seq_lens = torch.tensor([span.context_slots.numel() for span in inputs.spans], dtype=torch.int32)
+        lengths = [span.length for span in inputs.spans]
+        query_start = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        is_decode = all(n == 1 for n in lengths)
+        to = lambda t: t.to(self.device)  # noqa: E731
+        return to(block_tables), to(seq_lens), to(query_start), is_decode
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        cfg = self.config
+        eps = cfg.rms_norm_eps
+        block_tables, seq_lens, query_start, is_decode = self._attention_metadata(inputs)
+        num_tokens = inputs.token_ids.numel()
+        residual = self.w.embed[inputs.token_ids]
+        h = self._rms_norm(residual, self.w.layers[0].attn_norm, eps)
+        for layer_idx, layer in enumerate(self.w.layers):
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            q = qkv[:, :cfg.q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)
+            k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            v = qkv[:, cfg.q_size + cfg.kv_size:].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
+            q = self._rope_and_cache(q, k, v, inputs.positions, self.cos, self.sin, k_cache, v_cache,
+                                     inputs.slot_mapping)
+            if is_decode:
+                attn = self._decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                              self.kv.block_size, self.scale)
+            else:
+                attn = self._prefill_attention(q, k_cache, v_cache, block_tables, query_start, seq_lens,
+                                               self.kv.block_size, self.scale)
+            out = F.linear(attn.view(num_tokens, cfg.q_size), layer.wo)
+            h, residual = self._fused_add_rms_norm(out, residual, layer.ffn_norm, eps)
+            mlp = F.linear(self._silu_and_mul(F.linear(h, layer.w_gate_up)), layer.w_down)
+            if layer_idx + 1 < len(self.w.layers):
+                h, residual = self._fused_add_rms_norm(mlp, residual, self.w.layers[layer_idx + 1].attn_norm, eps)
+        # Only the rows whose logits are wanted go through the final norm and the vocabulary.
+        rows = inputs.logit_rows.to(self.device)
+        h, _ = self._fused_add_rms_norm(mlp[rows], residual[rows], self.w.final_norm, eps)
+        return F.linear(h, self.w.lm_head)
