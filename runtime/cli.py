@@ -48,7 +48,8 @@ def parse_size(text: str) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None, metavar="PATH",
-                   help="a .gguf file or an HF model directory (default: SmolLM2-135M-Instruct Q4_1, fetched on first use)")
+                   help="a .gguf file, an HF model directory, or synthetic:llama-3.2-1b / synthetic:llama-3.1-8b "
+                        "(random weights, for benchmarks) (default: SmolLM2-135M-Instruct Q4_1, fetched on first use)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     g.add_argument("--kv-memory", type=parse_size, default=parse_size("1GiB"),
                    help="memory for the KV cache arena (default: 1GiB)")

@@ -1,4 +1,4 @@
-"""Finds and loads a model: the default one, a GGUF file or an HF directory."""
+"""Finds and loads a model: the default one, a GGUF file, an HF directory or a synthetic one."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import LoadStats, ModelConfig
 from .errors import ModelLoadError
 from .fetch import ensure_model
+from .synthetic import is_synthetic, load_synthetic
 from .tokenizer import Tokenizer
 from .weights import ModelWeights
 
@@ -36,7 +37,11 @@ def resolve_model(model: str | Path | None, quiet: bool = False) -> Path:
 
 
 def load_model(model: str | Path | None = None, quiet: bool = False) -> LoadedModel:
+    """Loads the default model (None), a GGUF file, an HF directory or `synthetic:NAME`."""
     t0 = time.perf_counter()
+    if is_synthetic(model):
+        config, weights, tokenizer, stats = load_synthetic(str(model))
+        return LoadedModel(config, weights, tokenizer, Path(str(model)), stats, time.perf_counter() - t0)
     path = resolve_model(model, quiet=quiet)
     if path.is_dir():
         from .hf_loader import load_hf_dir

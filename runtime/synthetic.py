@@ -1,0 +1,82 @@
+"""Synthetic models: real architectures with random weights, for benchmarks where the model file
+cannot travel (the GPU machine has no network).
+
+`synthetic:llama-3.2-1b` has Llama 3.2 1B's exact shapes, so a step moves exactly the bytes the
+real model moves and a benchmark's tok/s and bandwidth figures hold for it; its outputs are
+meaningless. The tokenizer is byte-level over a vocabulary padded with filler tokens to the real
+size, so text prompts still work.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import LoadStats, ModelConfig, RopeScaling
+from .errors import ModelLoadError
+from .tokenizer import Tokenizer
+from .weights import ModelWeights, assemble, expected_shapes
+
+PREFIX = "synthetic:"
+
+SYNTHETIC_CONFIGS = {
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                         num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True,
+                         rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                  original_max_position=8192)),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                         num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
+                         rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                  original_max_position=8192)),
+}
+
+
+def is_synthetic(spec: object) -> bool:
+    return isinstance(spec, str) and spec.startswith(PREFIX)
+
+
+def synthetic_config(name: str, max_position: int = 8192) -> ModelConfig:
+    shapes = SYNTHETIC_CONFIGS.get(name)
+    if shapes is None:
+        raise ModelLoadError(f"unknown synthetic model {name!r}; choose one of "
+                             f"{', '.join(PREFIX + n for n in SYNTHETIC_CONFIGS)}")
+    return ModelConfig(arch="llama", rope_theta=500000.0, rms_norm_eps=1e-5, max_position=max_position,
+                       qkv_bias=False, name=PREFIX + name, **shapes)
+
+
+def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
+    from .tokenizer import _byte_alphabet
+
+    alphabet = [_byte_alphabet()[b] for b in range(256)]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    merged = ["\u0120t", "he"]  # byte-level BPE needs merges; two real ones keep it a real BPE
+    fillers = merged + [f"<filler_{i}>" for i in range(vocab_size - len(alphabet) - len(specials) - 2)]
+    tokens = alphabet + fillers + specials
+    types = [1] * (len(alphabet) + len(fillers)) + [3] * len(specials)
+    return Tokenizer.from_gguf_metadata({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": ["\u0120 t", "h e"],
+        "tokenizer.ggml.bos_token_id": vocab_size - 3, "tokenizer.ggml.eos_token_id": vocab_size - 1,
+    })
+
+
+def load_synthetic(spec: str, seed: int = 0) -> tuple[ModelConfig, ModelWeights, Tokenizer, LoadStats]:
+    """Random float32 weights (std 0.02, norms 1) in the architecture's exact shapes."""
+    stats = LoadStats()
+    config = synthetic_config(spec[len(PREFIX):])
+    t0 = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    shapes = expected_shapes(config)
+
+    def load(name: str) -> torch.Tensor:
+        shape = shapes[name]
+        if len(shape) == 1:
+            return torch.ones(shape)
+        return torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+
+    weights = assemble(config, load)
+    stats.weights_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tokenizer = synthetic_tokenizer(config.vocab_size)
+    stats.tokenizer_s = time.perf_counter() - t0
+    return config, weights, tokenizer, stats
