@@ -61,18 +61,24 @@ def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def load_synthetic(spec: str, seed: int = 0) -> tuple[ModelConfig, ModelWeights, Tokenizer, LoadStats]:
-    """Random float32 weights (std 0.02, norms 1) in the architecture's exact shapes."""
+    """Random weights (std 0.02, norms 1) in the architecture's exact shapes.
+
+    With a GPU they are drawn there, in bfloat16 (the engine's GPU dtype): an 8B model in
+    float32 on the host would be 32 GB to draw and copy for nothing.
+    """
     stats = LoadStats()
     config = synthetic_config(spec[len(PREFIX):])
     t0 = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    generator = torch.Generator(device=device).manual_seed(seed)
     shapes = expected_shapes(config)
 
     def load(name: str) -> torch.Tensor:
         shape = shapes[name]
         if len(shape) == 1:
-            return torch.ones(shape)
-        return torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+            return torch.ones(shape, device=device, dtype=dtype)
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=generator)
 
     weights = assemble(config, load)
     stats.weights_s = time.perf_counter() - t0
