@@ -20,6 +20,10 @@ from .weights import ModelWeights, assemble, expected_shapes
 PREFIX = "synthetic:"
 
 SYNTHETIC_CONFIGS = {
+    # The default model's shapes (GQA group 3, head_dim 64), for GPU checks without its file.
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                         num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True,
+                         rope_theta=100000.0, rope_scaling=None),
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
                          num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True,
                          rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -40,7 +44,8 @@ def synthetic_config(name: str, max_position: int = 8192) -> ModelConfig:
     if shapes is None:
         raise ModelLoadError(f"unknown synthetic model {name!r}; choose one of "
                              f"{', '.join(PREFIX + n for n in SYNTHETIC_CONFIGS)}")
-    return ModelConfig(arch="llama", rope_theta=500000.0, rms_norm_eps=1e-5, max_position=max_position,
+    shapes = {"rope_theta": 500000.0, **shapes}
+    return ModelConfig(arch="llama", rms_norm_eps=1e-5, max_position=max_position,
                        qkv_bias=False, name=PREFIX + name, **shapes)
 
 

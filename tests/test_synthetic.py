@@ -7,8 +7,8 @@ from lockstep.runtime.errors import ModelLoadError
 from lockstep.runtime.synthetic import SYNTHETIC_CONFIGS, synthetic_config, synthetic_tokenizer
 from lockstep.runtime.weights import expected_shapes
 
-# Published parameter counts (Meta's model cards): 1.24B (tied) and 8.03B.
-PUBLISHED_PARAMS = {"llama-3.2-1b": 1.236e9, "llama-3.1-8b": 8.030e9}
+# Published parameter counts (model cards): SmolLM2 134.5M, Llama 3.2 1.24B (tied), Llama 3.1 8.03B.
+PUBLISHED_PARAMS = {"smollm2-135m": 134.5e6, "llama-3.2-1b": 1.236e9, "llama-3.1-8b": 8.030e9}
 
 
 @pytest.mark.parametrize("name", list(SYNTHETIC_CONFIGS))
