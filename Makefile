@@ -29,7 +29,7 @@ fetch: install
 	$(VENV)/bin/lockstep fetch
 
 test: fetch
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 serve: fetch
 	$(VENV)/bin/lockstep chat
