@@ -58,6 +58,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="forward implementation: torch (reference) or triton (lockstep's kernels); "
                         "auto = triton on CUDA, torch on the CPU")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
+    g.add_argument("--attention", choices=("triton", "cuda"), default="triton",
+                   help="decode attention of the triton backend: Triton, or hand-written CUDA C++ (needs cupy)")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
 
 
@@ -109,7 +111,8 @@ def _engine(args: argparse.Namespace):
 
     model = load_model(args.model)
     return Engine(model, EngineConfig(kv_memory_bytes=args.kv_memory, max_model_len=args.max_model_len,
-                                      threads=args.threads, backend=args.backend, device=args.device)), model
+                                      threads=args.threads, backend=args.backend, device=args.device,
+                                      attention=args.attention)), model
 
 
 def _params(args: argparse.Namespace):

@@ -82,11 +82,15 @@ class EngineConfig:
     # on CUDA and torch on the CPU, where triton only runs under its slow interpreter.
     backend: str = "auto"
     device: str = "auto"  # "cpu", "cuda" or "auto" (CUDA when there is one)
+    # Decode attention in the triton backend: lockstep's Triton kernel, or its hand-written
+    # CUDA C++ one (cpp/cuda, compiled at run time through CuPy).
+    attention: str = "triton"
 
     def __post_init__(self) -> None:
         checks = {
             "backend": self.backend in ("auto", "torch", "triton"),
             "device": self.device in ("auto", "cpu", "cuda"),
+            "attention": self.attention in ("triton", "cuda"),
             "block_size": self.block_size >= 1,
             "kv_memory_bytes": self.kv_memory_bytes > 0,
             "max_num_seqs": self.max_num_seqs >= 1,

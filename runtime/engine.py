@@ -63,7 +63,7 @@ class Engine:
         if self.backend == "triton":
             from .triton_model import TritonModel
 
-            self.runner = TritonModel(model.config, weights, self.kv)
+            self.runner = TritonModel(model.config, weights, self.kv, attention=self.config.attention)
         else:
             self.runner = TorchModel(model.config, weights, self.kv)
         self.scheduler = Scheduler(self.config, self.kv)
@@ -415,6 +415,8 @@ def select_backend(config: EngineConfig) -> tuple[torch.device, str]:
         raise InvalidRequestError("--device cuda: no CUDA device is visible to torch")
     device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and cuda) else "cpu")
     backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+    if config.attention == "cuda" and (backend != "triton" or device.type != "cuda"):
+        raise InvalidRequestError("--attention cuda needs the triton backend on a CUDA device")
     if backend == "triton" and device.type == "cpu":
         # Triton runs on the CPU only through its interpreter, chosen when triton is imported.
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":

@@ -10,6 +10,7 @@ Linear layers use torch's matmul on the loaded weights for now; the quantized GE
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -20,9 +21,11 @@ from .kv_cache import KVCache
 from .model import StepInputs, rope_inv_freq
 from .weights import ModelWeights
 
+log = logging.getLogger("lockstep")
+
 
 class TritonModel:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache) -> None:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache, attention: str = "triton") -> None:
         # Imported here: choosing this backend is what brings in triton (and, on the CPU,
         # the interpreter, which must be selected before triton is first imported).
         from lockstep.kernels.decode_attention import decode_attention
@@ -32,6 +35,12 @@ class TritonModel:
         from lockstep.kernels.silu_and_mul import silu_and_mul
 
         self._decode_attention = decode_attention
+        if attention == "cuda":
+            # Fails loudly (no cupy, no GPU) rather than falling back to the Triton kernel.
+            from lockstep.kernels.cuda_decode_attention import cuda_decode_attention
+
+            self._decode_attention = cuda_decode_attention
+        log.info("triton backend: %s decode attention", attention)
         self._prefill_attention = prefill_attention
         self._rms_norm, self._fused_add_rms_norm = rms_norm, fused_add_rms_norm
         self._rope_and_cache = rope_and_cache
