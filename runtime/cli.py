@@ -60,6 +60,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     g.add_argument("--attention", choices=("triton", "cuda"), default="triton",
                    help="decode attention of the triton backend: Triton, or hand-written CUDA C++ (needs cupy)")
+    g.add_argument("--weights", choices=("auto", "quantized", "dense"), default="auto",
+                   help="triton backend linear layers: GGUF Q8_0/Q4_0/Q4_1 blocks dequantized in the kernel, "
+                        "or float weights (auto: quantized on CUDA for such a GGUF)")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
 
 
@@ -112,7 +115,7 @@ def _engine(args: argparse.Namespace):
     model = load_model(args.model)
     return Engine(model, EngineConfig(kv_memory_bytes=args.kv_memory, max_model_len=args.max_model_len,
                                       threads=args.threads, backend=args.backend, device=args.device,
-                                      attention=args.attention)), model
+                                      attention=args.attention, weights=args.weights)), model
 
 
 def _params(args: argparse.Namespace):

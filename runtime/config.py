@@ -85,12 +85,17 @@ class EngineConfig:
     # Decode attention in the triton backend: lockstep's Triton kernel, or its hand-written
     # CUDA C++ one (cpp/cuda, compiled at run time through CuPy).
     attention: str = "triton"
+    # Linear layers of the triton backend: "quantized" reads a GGUF's Q8_0/Q4_0/Q4_1 blocks in
+    # the matmul kernel (4-bit weights stream from memory); "dense" uses float weights through
+    # torch's matmul; "auto" is quantized on CUDA when the model is such a GGUF, else dense.
+    weights: str = "auto"
 
     def __post_init__(self) -> None:
         checks = {
             "backend": self.backend in ("auto", "torch", "triton"),
             "device": self.device in ("auto", "cpu", "cuda"),
             "attention": self.attention in ("triton", "cuda"),
+            "weights": self.weights in ("auto", "quantized", "dense"),
             "block_size": self.block_size >= 1,
             "kv_memory_bytes": self.kv_memory_bytes > 0,
             "max_num_seqs": self.max_num_seqs >= 1,

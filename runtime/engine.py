@@ -63,7 +63,8 @@ class Engine:
         if self.backend == "triton":
             from .triton_model import TritonModel
 
-            self.runner = TritonModel(model.config, weights, self.kv, attention=self.config.attention)
+            self.runner = TritonModel(model.config, weights, self.kv, attention=self.config.attention,
+                                      quantized=quantized_weights(model, self.config, self.device))
         else:
             self.runner = TorchModel(model.config, weights, self.kv)
         self.scheduler = Scheduler(self.config, self.kv)
@@ -417,6 +418,8 @@ def select_backend(config: EngineConfig) -> tuple[torch.device, str]:
     backend = config.backend if config.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
     if config.attention == "cuda" and (backend != "triton" or device.type != "cuda"):
         raise InvalidRequestError("--attention cuda needs the triton backend on a CUDA device")
+    if config.weights == "quantized" and backend != "triton":
+        raise InvalidRequestError("--weights quantized needs --backend triton; the torch backend uses float weights")
     if backend == "triton" and device.type == "cpu":
         # Triton runs on the CPU only through its interpreter, chosen when triton is imported.
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
@@ -425,6 +428,26 @@ def select_backend(config: EngineConfig) -> tuple[torch.device, str]:
         os.environ["TRITON_INTERPRET"] = "1"
         log.warning("triton backend on the CPU runs under TRITON_INTERPRET=1: correct but very slow")
     return device, backend
+
+
+def quantized_weights(model: LoadedModel, config: EngineConfig, device: torch.device):
+    """The GGUF blocks the triton backend's quantized matmul reads, or None for dense weights."""
+    is_gguf = model.source.is_file() and model.source.suffix == ".gguf"
+    wanted = config.weights == "quantized" or (config.weights == "auto" and device.type == "cuda" and is_gguf)
+    if not wanted:
+        return None
+    if not is_gguf:
+        raise InvalidRequestError(f"--weights quantized needs a GGUF model file; {model.source} is not one")
+    from .quantized_weights import load_quantized_gguf
+
+    quantized = load_quantized_gguf(model.source, model.config)
+    found, total = quantized.count()
+    if found == 0:
+        raise InvalidRequestError(f"--weights quantized: {model.source.name} has no Q8_0, Q4_0 or Q4_1 linear "
+                                  "layers; use --weights dense")
+    log.info("triton backend: %d of %d linear layers quantized (%.0f MB read per token)", found, total,
+             quantized.nbytes() / 1e6)
+    return quantized.to(device)
 
 
 def result_of(seq: Sequence, token_times: list[float] | None = None) -> RequestResult:

@@ -5,8 +5,9 @@ torch backend is its oracle: RMSNorm with the residual add fused in, RoPE fused 
 K/V into the paged cache, paged prefill or decode attention, and SiLU-and-mul. On CUDA it is
 the fast path; on the CPU it runs under TRITON_INTERPRET=1, slowly, to check correctness.
 
-Linear layers use torch's matmul on the loaded weights for now; the quantized GEMV
-(kernels/quant_matmul.py) takes over where weights stay quantized.
+Linear layers read a GGUF's Q8_0/Q4_0/Q4_1 blocks through the quantized matmul kernel
+(kernels/quant_matmul.py) when `quantized` holds them, so decode streams 4-bit weights; a matrix
+without quantized blocks (float checkpoints, other GGUF types) goes through torch's matmul.
 """
 from __future__ import annotations
 
@@ -19,17 +20,20 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .model import StepInputs, rope_inv_freq
+from .quantized_weights import QuantizedMatrix, QuantizedWeights
 from .weights import ModelWeights
 
 log = logging.getLogger("lockstep")
 
 
 class TritonModel:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache, attention: str = "triton") -> None:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache, attention: str = "triton",
+                 quantized: QuantizedWeights | None = None) -> None:
         # Imported here: choosing this backend is what brings in triton (and, on the CPU,
         # the interpreter, which must be selected before triton is first imported).
         from lockstep.kernels.decode_attention import decode_attention
         from lockstep.kernels.prefill_attention import prefill_attention
+        from lockstep.kernels.quant_matmul import quant_matmul
         from lockstep.kernels.rms_norm import fused_add_rms_norm, rms_norm
         from lockstep.kernels.rope_cache import rope_and_cache
         from lockstep.kernels.silu_and_mul import silu_and_mul
@@ -45,6 +49,8 @@ class TritonModel:
         self._rms_norm, self._fused_add_rms_norm = rms_norm, fused_add_rms_norm
         self._rope_and_cache = rope_and_cache
         self._silu_and_mul = silu_and_mul
+        self._quant_matmul = quant_matmul
+        self.quantized = quantized
 
         self.config = config
         self.w = weights
@@ -71,6 +77,13 @@ class TritonModel:
         to = lambda t: t.to(self.device)  # noqa: E731
         return to(block_tables), to(seq_lens), to(query_start), is_decode
 
+    def _linear(self, x: torch.Tensor, dense: torch.Tensor, quant: QuantizedMatrix | None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        if quant is None:
+            return F.linear(x, dense, bias)
+        out = self._quant_matmul(x, quant.blocks, quant.qtype)
+        return out if bias is None else out.add_(bias)
+
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         cfg = self.config
@@ -80,7 +93,9 @@ class TritonModel:
         residual = self.w.embed[inputs.token_ids]
         h = self._rms_norm(residual, self.w.layers[0].attn_norm, eps)
         for layer_idx, layer in enumerate(self.w.layers):
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            q_layer = None if self.quantized is None else self.quantized.layers[layer_idx]
+            quant = lambda name: None if q_layer is None else getattr(q_layer, name)  # noqa: E731
+            qkv = self._linear(h, layer.wqkv, quant("wqkv"), layer.bqkv)
             q = qkv[:, :cfg.q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)
             k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, cfg.q_size + cfg.kv_size:].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -93,12 +108,13 @@ class TritonModel:
             else:
                 attn = self._prefill_attention(q, k_cache, v_cache, block_tables, query_start, seq_lens,
                                                self.kv.block_size, self.scale)
-            out = F.linear(attn.view(num_tokens, cfg.q_size), layer.wo)
+            out = self._linear(attn.view(num_tokens, cfg.q_size), layer.wo, quant("wo"))
             h, residual = self._fused_add_rms_norm(out, residual, layer.ffn_norm, eps)
-            mlp = F.linear(self._silu_and_mul(F.linear(h, layer.w_gate_up)), layer.w_down)
+            gate_up = self._linear(h, layer.w_gate_up, quant("w_gate_up"))
+            mlp = self._linear(self._silu_and_mul(gate_up), layer.w_down, quant("w_down"))
             if layer_idx + 1 < len(self.w.layers):
                 h, residual = self._fused_add_rms_norm(mlp, residual, self.w.layers[layer_idx + 1].attn_norm, eps)
         # Only the rows whose logits are wanted go through the final norm and the vocabulary.
         rows = inputs.logit_rows.to(self.device)
         h, _ = self._fused_add_rms_norm(mlp[rows], residual[rows], self.w.final_norm, eps)
-        return F.linear(h, self.w.lm_head)
+        return self._linear(h, self.w.lm_head, None if self.quantized is None else self.quantized.lm_head)
