@@ -7,6 +7,13 @@ Measures, at batch 1 and a fixed thread count (default 2):
 HF transformers loads the same GGUF (dequantized to float32, as lockstep's torch backend does)
 and decodes greedily with `generate`; a streamer timestamps each of its tokens.
 
+Roofline: memory bandwidth is measured in the same run (a 512 MiB float32 copy with the same
+threads, bytes read + bytes written). A decode step must read every weight it uses once, plus
+the KV cache: for the torch backend the float32 weights (the vocabulary head included, the
+embedding lookup's one row not) and float32 K/V at the run's mean context. Decode is reported
+as a % of that limit, and against the limit of the GGUF's own quantized bytes (what a 4-bit
+reader would move).
+
     .venv/bin/python bench/cpu_e2e.py                 # both, 2 threads, 3 repeats
     .venv/bin/python bench/cpu_e2e.py --skip-hf       # lockstep only
 """
@@ -127,6 +134,34 @@ def run_hf(model_path: Path, prompt_ids: list[int], new_tokens: int, repeats: in
     return load_s, runs
 
 
+def measure_bandwidth(threads: int, repeats: int = 5) -> float:
+    """GB/s of a large float32 copy, counting bytes read plus bytes written."""
+    torch.set_num_threads(threads)
+    src = torch.randn(1 << 27)  # 512 MiB, far beyond any cache
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def roofline(model, prompt_tokens: int, new_tokens: int, bandwidth_gbps: float, decode_tok_s: float) -> dict:
+    import gguf
+
+    weights = model.weights
+    read = weights.nbytes() - weights.embed.numel() * 4 * (weights.embed is not weights.lm_head)
+    kv = model.config.kv_bytes_per_token(4) * (prompt_tokens + new_tokens // 2)
+    gguf_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(model.source).tensors
+                     if t.name != "token_embd.weight" or weights.embed is weights.lm_head)
+    limit = bandwidth_gbps * 1e9 / (read + kv)
+    return {"bandwidth_GBps": bandwidth_gbps, "bytes_per_token": read + kv, "roofline_tok_s": limit,
+            "pct_of_roofline": 100 * decode_tok_s / limit, "gguf_bytes_per_token": gguf_bytes + kv,
+            "pct_of_gguf_roofline": 100 * decode_tok_s * (gguf_bytes + kv) / (bandwidth_gbps * 1e9)}
+
+
 def median_run(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -145,7 +180,8 @@ def main() -> int:
     from lockstep.runtime.loader import load_model
 
     model_path = ensure_model()
-    tokenizer = load_model(None, quiet=True).tokenizer
+    model = load_model(None, quiet=True)
+    tokenizer = model.tokenizer
     prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]), add_bos=False)
 
     print(f"default model, {len(prompt_ids)}-token prompt, {args.new_tokens} new tokens, batch 1, "
@@ -160,7 +196,10 @@ def main() -> int:
                                      text=True, cwd=Path(__file__).parent).stdout.strip(),
         "prompt_tokens": len(prompt_ids), "new_tokens": args.new_tokens,
         "lockstep": {**startup, **ours},
+        "roofline": roofline(model, len(prompt_ids), args.new_tokens, measure_bandwidth(args.threads),
+                             ours["decode_tok_s"]),
     }
+    del model
     rows = [("lockstep (torch backend)", f"{startup['process_start_to_ready_s']:.2f}", ours)]
     if not args.skip_hf:
         import transformers
@@ -175,6 +214,11 @@ def main() -> int:
     print("| runtime | start-up s | TTFT ms | decode tok/s |\n|---|---|---|---|")
     for name, start, r in rows:
         print(f"| {name} | {start} | {r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} |")
+    roof = result["roofline"]
+    print(f"\nmemory bandwidth {roof['bandwidth_GBps']:.1f} GB/s (copy, read + write, {args.threads} threads): "
+          f"lockstep decode at {roof['pct_of_roofline']:.0f}% of the roofline for the "
+          f"{roof['bytes_per_token'] / 1e6:.0f} MB it reads per token ({roof['roofline_tok_s']:.0f} tok/s), "
+          f"{roof['pct_of_gguf_roofline']:.0f}% of the GGUF's {roof['gguf_bytes_per_token'] / 1e6:.0f} MB")
     if "ratios" in result:
         print(f"\nlockstep vs HF: decode {result['ratios']['decode_vs_hf']:.2f}x, "
               f"TTFT {result['ratios']['ttft_vs_hf']:.2f}x (lower is better)")

@@ -41,7 +41,7 @@ def _split_nibbles(packed: torch.Tensor) -> torch.Tensor:
     Every nibble-packed GGML layout stores value i in the low nibble and value i + n in
     the high nibble of byte i of a group of n bytes.
     """
-    q = torch.empty((*packed.shape[:-1], 2, packed.shape[-1]), dtype=torch.uint8)
+    q = torch.empty((*packed.shape[:-1], 2, packed.shape[-1]), dtype=torch.uint8, device=packed.device)
     torch.bitwise_and(packed, 0x0F, out=q.select(-2, 0))
     torch.bitwise_right_shift(packed, 4, out=q.select(-2, 1))
     return q
@@ -213,3 +213,18 @@ def dequantize(
         blocks.numpy()[...] = src[start:stop]
         kernel(blocks, out[start:stop])
     return out.view(shape)
+
+
+def dequantize_blocks(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """Decode (rows, n * type_size) uint8 blocks into float32 (rows, n * block_size) on their device.
+
+    For Q8_0, Q4_0 and Q4_1 rows (the types the quantized matmul reads), wherever they live.
+    """
+    if qtype not in (_T.Q8_0, _T.Q4_0, _T.Q4_1):
+        raise ValueError(f"dequantize_blocks reads Q8_0, Q4_0 or Q4_1 blocks, got {qtype.name}")
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    rows = blocks.shape[0]
+    flat = blocks.reshape(-1, type_size)
+    out = torch.empty((flat.shape[0], block_size), dtype=torch.float32, device=blocks.device)
+    _KERNELS[qtype](flat, out)
+    return out.view(rows, -1)

@@ -433,11 +433,15 @@ def select_backend(config: EngineConfig) -> tuple[torch.device, str]:
 def quantized_weights(model: LoadedModel, config: EngineConfig, device: torch.device):
     """The GGUF blocks the triton backend's quantized matmul reads, or None for dense weights."""
     is_gguf = model.source.is_file() and model.source.suffix == ".gguf"
-    wanted = config.weights == "quantized" or (config.weights == "auto" and device.type == "cuda" and is_gguf)
+    has_blocks = is_gguf or model.quantized is not None
+    wanted = config.weights == "quantized" or (config.weights == "auto" and device.type == "cuda" and has_blocks)
     if not wanted:
         return None
-    if not is_gguf:
-        raise InvalidRequestError(f"--weights quantized needs a GGUF model file; {model.source} is not one")
+    if not has_blocks:
+        raise InvalidRequestError(f"--weights quantized needs a GGUF model file (or synthetic:NAME:q4_1); "
+                                  f"{model.source} is neither")
+    if model.quantized is not None:
+        return model.quantized.to(device)
     from .quantized_weights import load_quantized_gguf
 
     quantized = load_quantized_gguf(model.source, model.config)

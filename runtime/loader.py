@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import LoadStats, ModelConfig
 from .errors import ModelLoadError
 from .fetch import ensure_model
+from .quantized_weights import QuantizedWeights
 from .synthetic import is_synthetic, load_synthetic
 from .tokenizer import Tokenizer
 from .weights import ModelWeights
@@ -24,6 +25,9 @@ class LoadedModel:
     source: Path
     stats: LoadStats
     load_s: float
+    # Linear layers as GGUF blocks, when the source provides them without a file (synthetic:NAME:q4_1);
+    # a GGUF file's blocks are read from the file by the backend that wants them.
+    quantized: QuantizedWeights | None = None
 
 
 def resolve_model(model: str | Path | None, quiet: bool = False) -> Path:
@@ -40,8 +44,9 @@ def load_model(model: str | Path | None = None, quiet: bool = False) -> LoadedMo
     """Loads the default model (None), a GGUF file, an HF directory or `synthetic:NAME`."""
     t0 = time.perf_counter()
     if is_synthetic(model):
-        config, weights, tokenizer, stats = load_synthetic(str(model))
-        return LoadedModel(config, weights, tokenizer, Path(str(model)), stats, time.perf_counter() - t0)
+        config, weights, tokenizer, stats, quantized = load_synthetic(str(model))
+        return LoadedModel(config, weights, tokenizer, Path(str(model)), stats, time.perf_counter() - t0,
+                           quantized)
     path = resolve_model(model, quiet=quiet)
     if path.is_dir():
         from .hf_loader import load_hf_dir

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -76,6 +77,29 @@ class QuantizedWeights:
         return QuantizedWeights(layers, move(self.lm_head))
 
 
+RawMatrix = Callable[[str], "tuple[str, torch.Tensor] | None"]
+
+
+def assemble_quantized(config: ModelConfig, raw: RawMatrix) -> QuantizedWeights:
+    """Fuses the blocks that `raw(canonical name)` gives ((qtype, uint8 rows) or None for a
+    matrix the kernel cannot read) into the forward's layout, as weights.assemble does."""
+
+    def fused(*names: str) -> QuantizedMatrix | None:
+        parts = [raw(n) for n in names]
+        if any(p is None for p in parts) or len({p[0] for p in parts}) != 1:
+            return None
+        return QuantizedMatrix(parts[0][0], torch.cat([p[1] for p in parts]).contiguous())
+
+    layers = []
+    for n in range(config.num_layers):
+        name = lambda part: f"layers.{n}.{part}"  # noqa: E731
+        layers.append(QuantizedLayer(
+            wqkv=fused(name("q"), name("k"), name("v")), wo=fused(name("o")),
+            w_gate_up=fused(name("gate"), name("up")), w_down=fused(name("down")),
+        ))
+    return QuantizedWeights(layers, fused("embed" if config.tie_word_embeddings else "lm_head"))
+
+
 def load_quantized_gguf(path: Path, config: ModelConfig) -> QuantizedWeights:
     """The linear layers of a GGUF file whose types the kernel reads, as raw blocks."""
     import gguf
@@ -98,18 +122,4 @@ def load_quantized_gguf(path: Path, config: ModelConfig) -> QuantizedWeights:
         heads = unpermute.get(name.rsplit(".", 1)[-1])
         return qtype, (_unpermute_rows(blocks, heads) if heads is not None else blocks)
 
-    def fused(*names: str) -> QuantizedMatrix | None:
-        parts = [raw(n) for n in names]
-        if any(p is None for p in parts) or len({p[0] for p in parts}) != 1:
-            return None
-        return QuantizedMatrix(parts[0][0], torch.cat([p[1] for p in parts]).contiguous())
-
-    layers = []
-    for n in range(config.num_layers):
-        name = lambda part: f"layers.{n}.{part}"  # noqa: E731
-        layers.append(QuantizedLayer(
-            wqkv=fused(name("q"), name("k"), name("v")), wo=fused(name("o")),
-            w_gate_up=fused(name("gate"), name("up")), w_down=fused(name("down")),
-        ))
-    lm_head = fused("embed" if config.tie_word_embeddings else "lm_head")
-    return QuantizedWeights(layers, lm_head)
+    return assemble_quantized(config, raw)

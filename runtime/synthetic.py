@@ -5,6 +5,10 @@ cannot travel (the GPU machine has no network).
 real model moves and a benchmark's tok/s and bandwidth figures hold for it; its outputs are
 meaningless. The tokenizer is byte-level over a vocabulary padded with filler tokens to the real
 size, so text prompts still work.
+
+`synthetic:llama-3.2-1b:q4_1` (or `:q4_0`, `:q8_0`) draws its linear layers as random GGUF
+blocks instead, for the triton backend's quantized matmul; the float weights are those blocks
+dequantized, so the torch backend computes the same model.
 """
 from __future__ import annotations
 
@@ -14,12 +18,16 @@ import torch
 
 from .config import LoadStats, ModelConfig, RopeScaling
 from .errors import ModelLoadError
+from .quantized_weights import KERNEL_QTYPES, QuantizedWeights, assemble_quantized
 from .tokenizer import Tokenizer
 from .weights import ModelWeights, assemble, expected_shapes
 
 PREFIX = "synthetic:"
 
 SYNTHETIC_CONFIGS = {
+    # Two small layers: for checking scripts on the CPU, where Triton runs in its interpreter.
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
+                 num_kv_heads=1, head_dim=64, tie_word_embeddings=True, rope_theta=10000.0, rope_scaling=None),
     # The default model's shapes (GQA group 3, head_dim 64), for GPU checks without its file.
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                          num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=True,
@@ -65,29 +73,66 @@ def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
     })
 
 
-def load_synthetic(spec: str, seed: int = 0) -> tuple[ModelConfig, ModelWeights, Tokenizer, LoadStats]:
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """`synthetic:NAME[:QTYPE]` -> (NAME, QTYPE or None)."""
+    name, _, qtype = spec[len(PREFIX):].partition(":")
+    if qtype and qtype.upper() not in KERNEL_QTYPES:
+        raise ModelLoadError(f"synthetic model {spec!r}: unknown weight type {qtype!r}; use one of "
+                             f"{', '.join(q.lower() for q in KERNEL_QTYPES)}, or none for float weights")
+    return name, qtype.upper() or None
+
+
+# Per-block scale (and min) that give quantized weights a standard deviation near 0.02, like the
+# float ones: uniform 4-bit codes have a std of 4.6, uniform int8 codes one of 74.
+_BLOCK_SCALE = {"Q4_0": 0.02 / 4.6, "Q4_1": 0.02 / 4.6, "Q8_0": 0.02 / 74}
+
+
+def random_blocks(rows: int, cols: int, qtype: str, generator: torch.Generator, device: str) -> torch.Tensor:
+    """Random GGUF blocks: uniform codes, scales jittered around _BLOCK_SCALE, Q4_1 mins centring them."""
+    block_bytes = KERNEL_QTYPES[qtype]
+    blocks = torch.randint(0, 256, (rows, cols // 32, block_bytes), dtype=torch.uint8, device=device,
+                           generator=generator)
+    scale = _BLOCK_SCALE[qtype] * (0.5 + torch.rand(rows, cols // 32, 1, device=device, generator=generator))
+    blocks[..., 0:2] = scale.half().view(torch.uint8)
+    if qtype == "Q4_1":
+        blocks[..., 2:4] = (-7.5 * scale).half().view(torch.uint8)
+    return blocks.view(rows, -1)
+
+
+def load_synthetic(spec: str, seed: int = 0) -> tuple[ModelConfig, ModelWeights, Tokenizer, LoadStats,
+                                                      QuantizedWeights | None]:
     """Random weights (std 0.02, norms 1) in the architecture's exact shapes.
 
     With a GPU they are drawn there, in bfloat16 (the engine's GPU dtype): an 8B model in
     float32 on the host would be 32 GB to draw and copy for nothing.
     """
+    from gguf import GGMLQuantizationType
+
+    from .dequant import dequantize_blocks
+
     stats = LoadStats()
-    config = synthetic_config(spec[len(PREFIX):])
+    name, qtype = parse_spec(spec)
+    config = synthetic_config(name)
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     generator = torch.Generator(device=device).manual_seed(seed)
     shapes = expected_shapes(config)
+    blocks: dict[str, torch.Tensor] = {}
 
     def load(name: str) -> torch.Tensor:
         shape = shapes[name]
         if len(shape) == 1:
             return torch.ones(shape, device=device, dtype=dtype)
-        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=generator)
+        if qtype is None:
+            return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, 0.02, generator=generator)
+        blocks[name] = random_blocks(*shape, qtype, generator, device)
+        return dequantize_blocks(blocks[name], GGMLQuantizationType[qtype]).to(dtype)
 
     weights = assemble(config, load)
+    quantized = None if qtype is None else assemble_quantized(config, lambda n: (qtype, blocks[n]))
     stats.weights_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     tokenizer = synthetic_tokenizer(config.vocab_size)
     stats.tokenizer_s = time.perf_counter() - t0
-    return config, weights, tokenizer, stats
+    return config, weights, tokenizer, stats, quantized

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .errors import InvalidRequestError
 from .kv_cache import KVCache
 from .model import StepInputs, rope_inv_freq
 from .quantized_weights import QuantizedMatrix, QuantizedWeights
@@ -41,8 +42,16 @@ class TritonModel:
         self._decode_attention = decode_attention
         if attention == "cuda":
             # Fails loudly (no cupy, no GPU) rather than falling back to the Triton kernel.
-            from lockstep.kernels.cuda_decode_attention import cuda_decode_attention
+            from lockstep.kernels.cuda_decode_attention import (
+                CudaKernelsUnavailable,
+                cuda_decode_attention,
+                require_cuda_kernels,
+            )
 
+            try:  # at start-up, not at the first decode step
+                require_cuda_kernels(kv.k.device)
+            except CudaKernelsUnavailable as exc:
+                raise InvalidRequestError(str(exc)) from None
             self._decode_attention = cuda_decode_attention
         log.info("triton backend: %s decode attention", attention)
         self._prefill_attention = prefill_attention
