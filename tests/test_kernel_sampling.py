@@ -1,0 +1,312 @@
+"""The sampling kernel (kernels/sampling.py) against the CPU sampler (runtime/sampler.py), under the interpreter.
+
+Philox and greedy must match bit for bit. Sampled tokens must equal the sampler's, except where
+the sampler's decision sits within float rounding of a boundary (the kernel sums masses in another
+order): every mismatch is checked to be such a row, and there should basically be none.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_harness import GPU_ARCHS, TEST_DTYPES, assert_no_spills, compile_many, poisoned
+
+from lockstep.kernels.sampling import (
+    _launch_config,
+    _philox_uniform_kernel,
+    _sample_kernel,
+    philox_uniform,
+    sample_tokens,
+    sample_tokens_reference,
+)
+from lockstep.runtime.sampler import filtered_distribution, uniform
+from lockstep.runtime.sampling_params import SamplingParams
+
+# Relative distance to a decision boundary under which kernel and sampler may disagree: the
+# kernel's float32 masses differ from the sampler's in the last bits (~1e-7), far below this.
+BOUNDARY_TOL = 1e-5
+
+TEMPERATURES = (0.0, 0.7, 1.3)
+TOP_KS = (0, 1, 5, 50)
+TOP_PS = (1.0, 0.9, 0.5)
+MIN_PS = (0.0, 0.05, 0.2)
+
+
+def make_rows(rows: int, vocab: int, dtype: torch.dtype, seed: int, ties: bool = False) -> dict:
+    """Random logits (flat to peaked rows) and per-row parameters drawn from the sets above."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([0.5, 2.0, 5.0])[torch.randint(0, 3, (rows, 1), generator=gen)]
+    logits = torch.randn(rows, vocab, generator=gen) * scale
+    if ties:  # a coarse grid: many exactly equal logits, so tie groups straddle every cut
+        logits = (logits * 2).round() / 2
+
+    def pick(values, dtype):
+        return torch.tensor(values, dtype=dtype)[torch.randint(0, len(values), (rows,), generator=gen)]
+
+    return dict(logits=logits.to(dtype), temperature=pick(TEMPERATURES, torch.float32),
+                top_k=pick(TOP_KS, torch.int32), top_p=pick(TOP_PS, torch.float32), min_p=pick(MIN_PS, torch.float32),
+                seeds=torch.randint(-2**63, 2**63 - 1, (rows,), generator=gen),
+                positions=torch.randint(0, 2**40, (rows,), generator=gen),
+                branches=torch.randint(0, 8, (rows,), generator=gen))
+
+
+def near_boundary(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float,
+                  u: float) -> bool:
+    """Whether any decision of the sampler for this row is within BOUNDARY_TOL of flipping (float64)."""
+    values, _ = torch.sort(logits.float() / temperature, descending=True, stable=True)
+    if 0 < top_k < values.numel():
+        values = values[:top_k]
+    p = torch.softmax(values.double(), 0)
+    before = torch.cumsum(p, 0) - p
+    near = False
+    keep = torch.ones_like(p, dtype=torch.bool)
+    if top_p < 1.0:
+        near |= bool(((before[1:] - top_p).abs() < BOUNDARY_TOL).any())
+        keep &= before < top_p
+    if min_p > 0.0:
+        near |= bool(((p[1:] / p[0] - min_p).abs() < BOUNDARY_TOL * min_p).any())
+        keep &= p >= min_p * p[0]
+    keep[0] = True
+    cdf = torch.cumsum(p[keep], 0)
+    cdf /= cdf[-1].clone()
+    return near or bool(((cdf[:-1] - u).abs() < BOUNDARY_TOL).any())
+
+
+def check_against_reference(batch: dict, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens equal to the sampler's (all of them if exact, else but for rows near a boundary), logprobs close."""
+    rows = batch["logits"].shape[0]
+    tokens_out, logprobs_out = torch.full((rows,), -1, dtype=torch.int64), poisoned((rows,), torch.float32)
+    tokens, logprobs = sample_tokens(**batch, tokens_out=tokens_out, logprobs_out=logprobs_out)
+    assert tokens is tokens_out and logprobs is logprobs_out
+    ref_tokens, ref_logprobs = sample_tokens_reference(**batch)
+    assert ((tokens >= 0) & (tokens < batch["logits"].shape[1])).all()
+    mismatched = (tokens != ref_tokens).nonzero().flatten().tolist()
+    for r in mismatched:
+        t = float(batch["temperature"][r])
+        assert t > 0 and not exact, f"row {r}: token {int(tokens[r])} != sampler's {int(ref_tokens[r])}"
+        u = uniform(int(batch["seeds"][r]) & (2**64 - 1), int(batch["positions"][r]), int(batch["branches"][r]))
+        args = (t, int(batch["top_k"][r]), float(batch["top_p"][r]), float(batch["min_p"][r]), u)
+        assert near_boundary(batch["logits"][r], *args), (
+            f"row {r} {args}: kernel token {int(tokens[r])}, sampler {int(ref_tokens[r])}, not near a boundary; "
+            f"{len(mismatched)} of {rows} rows differ: {mismatched}")
+    assert not mismatched, f"{len(mismatched)} of {rows} rows differ (all near a boundary): {mismatched}"
+    # The logprob of the kernel's own token under the raw log_softmax.
+    expected = torch.log_softmax(batch["logits"].float(), -1).gather(1, tokens[:, None])[:, 0]
+    assert not torch.isnan(logprobs).any()
+    torch.testing.assert_close(logprobs, expected, atol=2e-5, rtol=1e-5)
+    same = tokens == ref_tokens
+    torch.testing.assert_close(logprobs[same], ref_logprobs[same], atol=2e-5, rtol=1e-5)
+    return tokens, logprobs
+
+
+def test_philox_uniform_is_bitwise_the_samplers() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n = 1000
+    seeds = torch.cat([torch.randint(-2**63, 2**63 - 1, (n - 8,), generator=gen),
+                       torch.tensor([0, 1, 2**32 - 1, 2**32, 2**32 + 1, 2**63 - 1, -2**63, -1])])
+    positions = torch.cat([torch.randint(0, 2**33, (n - 4,), generator=gen), torch.tensor([0, 2**32 - 1, 2**32, 7])])
+    branches = torch.randint(0, 2**32, (n,), generator=gen)
+    out = poisoned((n,), torch.float32)
+    got = philox_uniform(seeds, positions, branches, out=out)
+    assert got is out
+    expected = torch.tensor([uniform(s & (2**64 - 1), p, b) for s, p, b in
+                             zip(seeds.tolist(), positions.tolist(), branches.tolist())], dtype=torch.float64)
+    assert torch.equal(got.double(), expected)  # the uniforms are exact in float32
+
+
+@pytest.mark.parametrize("dtype", TEST_DTYPES, ids=str)
+def test_greedy_is_the_first_argmax(dtype: torch.dtype) -> None:
+    """Ties for the max inside a chunk, across chunks, and at the last index; V not a multiple of the chunk."""
+    gen = torch.Generator().manual_seed(1)
+    rows, vocab = 5, 2053
+    logits = torch.randn(rows, vocab, generator=gen).to(dtype)
+    top = logits.float().max() + 1
+    for r, ids in enumerate([[3, 7], [5, 1500], [1023, 1024], [vocab - 1], [2052, 2050, 2000]]):
+        logits[r, ids] = top.to(dtype)
+    zeros = torch.zeros(rows)
+    batch = dict(logits=logits, temperature=zeros, top_k=torch.full((rows,), 5, dtype=torch.int32),
+                 top_p=torch.full((rows,), 0.5), min_p=zeros, seeds=torch.arange(rows), positions=torch.arange(rows),
+                 branches=torch.zeros(rows, dtype=torch.int64))
+    tokens, _ = check_against_reference(batch)
+    assert tokens.tolist() == [3, 5, 1023, vocab - 1, 2000]
+    assert torch.equal(tokens, torch.argmax(logits.float(), -1))
+
+
+@pytest.mark.parametrize("dtype, vocab, rows, ties", [
+    (torch.float32, 1000, 48, False),
+    (torch.float16, 1000, 32, False),
+    (torch.float16, 1000, 32, True),
+    (torch.float32, 4099, 16, False),
+])
+def test_matches_sampler_with_mixed_params(dtype: torch.dtype, vocab: int, rows: int, ties: bool) -> None:
+    check_against_reference(make_rows(rows, vocab, dtype, seed=vocab + rows + ties))
+
+
+def test_full_vocabulary_row() -> None:
+    """V = 49152 (the default model's), 48 chunks: a sampled row with every filter on, and a greedy row."""
+    batch = make_rows(2, 49152, torch.float32, seed=3)
+    batch.update(temperature=torch.tensor([0.8, 0.0]), top_k=torch.tensor([40, 0], dtype=torch.int32),
+                 top_p=torch.tensor([0.9, 1.0]), min_p=torch.tensor([0.01, 0.0]))
+    check_against_reference(batch)
+
+
+def test_filters_at_their_edges() -> None:
+    """top_k = 1 and = V - 1 and > V, top_p just under 1, min_p = 1, -inf logits, and a one-token vocabulary."""
+    vocab = 300
+    batch = make_rows(6, vocab, torch.float32, seed=4)
+    batch["logits"][3, ::3] = float("-inf")  # banned tokens: never picked
+    batch.update(temperature=torch.tensor([1.0, 1.0, 2.0, 1.0, 1.0, 0.5]),
+                 top_k=torch.tensor([1, vocab - 1, vocab + 5, 0, 0, 0], dtype=torch.int32),
+                 top_p=torch.tensor([1.0, 0.999, 1.0, 0.95, 1.0, 1.0]),
+                 min_p=torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+    tokens, _ = check_against_reference(batch)
+    assert tokens[3] % 3 != 0
+    one = make_rows(3, 1, torch.float32, seed=5)
+    tokens, _ = check_against_reference(one)
+    assert tokens.tolist() == [0, 0, 0]
+
+
+# Positions whose uniform (seed 0, branch 0) is exactly k / 8, so u * (kept mass) can land exactly
+# on a boundary between equal-probability tokens: u = 0, 1/8, 2/8, ..., 7/8.
+EXACT_EIGHTHS = (14883995, 11864871, 630968, 9826421, 9297664, 3852722, 150078, 2641009)
+
+
+def test_exact_boundaries_and_ties() -> None:
+    """Rows whose probabilities are exact in float, so every boundary is hit exactly and both sides
+    agree to the bit: the strict / non-strict comparisons and the tie order must all be the sampler's."""
+    assert [uniform(0, p, 0) * 8 for p in EXACT_EIGHTHS] == list(range(8))
+    flat = torch.full((8,), 1.5)
+    grouped = torch.full((8,), float("-inf"))
+    grouped[[1, 3, 4, 6]] = 2.0
+    max_tie = torch.randn(8, generator=torch.Generator().manual_seed(9))
+    max_tie[[2, 5]] = 4.0
+    straddle = torch.tensor([3.0, 1.0, 3.0, 1.0, 1.0, 3.0, 1.0, 1.0])
+    # (logits, temperature, top_k, top_p, min_p, u in eighths, the sampler's token)
+    cases = [(flat, 1.0, 0, 1.0, 0.0, k, k) for k in range(8)]  # the target on every cdf step
+    cases += [
+        (flat, 1.0, 0, 0.5, 0.0, 7, 3),  # top-p: the mass before token 4 is exactly 0.5, so 4 kept
+        (flat, 0.7, 3, 1.0, 0.0, 6, 2),  # top-k inside one tie group: the lowest ids
+        (grouped, 1.0, 0, 1.0, 0.0, 4, 4),  # -inf tokens; target 2 of 4 equal: the third member, id 4
+        (max_tie, 1.0, 0, 1.0, 1.0, 4, 5),  # min-p = 1 keeps the tied max; target on their boundary
+        (straddle, 100.0, 4, 1.0, 0.0, 7, 1),  # top-k cuts the tie group at 1.0 after its first id
+    ]
+    rows = len(cases)
+    batch = dict(logits=torch.stack([c[0] for c in cases]), temperature=torch.tensor([c[1] for c in cases]),
+                 top_k=torch.tensor([c[2] for c in cases], dtype=torch.int32),
+                 top_p=torch.tensor([c[3] for c in cases]), min_p=torch.tensor([c[4] for c in cases]),
+                 seeds=torch.zeros(rows, dtype=torch.int64),
+                 positions=torch.tensor([EXACT_EIGHTHS[c[5]] for c in cases]),
+                 branches=torch.zeros(rows, dtype=torch.int64))
+    tokens, _ = check_against_reference(batch, exact=True)
+    assert tokens.tolist() == [c[6] for c in cases]
+    # The tolerance used elsewhere does flag such rows (and not an ordinary one).
+    assert near_boundary(flat, 1.0, 0, 1.0, 0.0, 3 / 8) and not near_boundary(flat, 1.0, 0, 1.0, 0.0, 0.3)
+
+
+def test_rows_are_batch_invariant_and_rows_may_be_strided() -> None:
+    """A row gives the same bits alone, beside others, or as a strided view of a wider buffer."""
+    batch = make_rows(6, 700, torch.float16, seed=6)
+    tokens, logprobs = sample_tokens(**batch)
+    wide = torch.randn(6, 800).half()
+    wide[:, 50:750] = batch["logits"]
+    strided = dict(batch, logits=wide[:, 50:750])
+    assert not strided["logits"].is_contiguous()
+    tokens_s, logprobs_s = sample_tokens(**strided)
+    assert torch.equal(tokens_s, tokens) and torch.equal(logprobs_s, logprobs)
+    for r in (0, 4):
+        alone = {k: v[r:r + 1] for k, v in batch.items()}
+        tokens_r, logprobs_r = sample_tokens(**alone)
+        assert torch.equal(tokens_r, tokens[r:r + 1]) and torch.equal(logprobs_r, logprobs[r:r + 1])
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution() -> None:
+    """Chi-square over 160 positions of one row (broadcast, row stride 0) against filtered_distribution."""
+    gen = torch.Generator().manual_seed(7)
+    vocab, draws = 12, 160
+    row = torch.randn(vocab, generator=gen) * 1.5
+    params = SamplingParams(temperature=0.9, top_k=8, top_p=0.9, min_p=0.02)
+    ids, probs = filtered_distribution(row, params)
+    assert 2 <= ids.numel() < 8  # top-p or min-p cut inside the top-k set
+    batch = dict(logits=row.expand(draws, vocab), temperature=torch.full((draws,), 0.9),
+                 top_k=torch.full((draws,), 8, dtype=torch.int32), top_p=torch.full((draws,), 0.9),
+                 min_p=torch.full((draws,), 0.02), seeds=torch.full((draws,), 12345, dtype=torch.int64),
+                 positions=torch.arange(draws), branches=torch.zeros(draws, dtype=torch.int64))
+    tokens, _ = sample_tokens(**batch)
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert counts.sum() == counts[ids].sum(), "a token outside the filtered set was drawn"
+    observed, expected = counts[ids], probs.double() * draws
+    # Pool the rare tokens so every bin expects at least 5 draws.
+    big = expected >= 5
+    observed = torch.cat([observed[big], observed[~big].sum(0, keepdim=True)])
+    expected = torch.cat([expected[big], expected[~big].sum(0, keepdim=True)])
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    dof = len(expected) - 1
+    # The 99.9% quantile of chi-square(dof), by Wilson-Hilferty.
+    critical = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < critical, (chi2, critical, observed.tolist(), expected.tolist())
+
+
+def _good(rows: int = 3, vocab: int = 50) -> dict:
+    return make_rows(rows, vocab, torch.float32, seed=8)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("logits", lambda b: b.update(logits=b["logits"].double()), "logits must have dtype"),
+    ("logits", lambda b: b.update(logits=b["logits"][0]), "logits must have 2 dimensions"),
+    ("logits", lambda b: b.update(logits=b["logits"][:, ::2]), "logits must have a contiguous last dimension"),
+    ("logits", lambda b: b.update(logits=b["logits"][:, :0]), "logits must have at least one column"),
+    ("temperature", lambda b: b.update(temperature=b["temperature"].double()), "temperature must have dtype"),
+    ("top_k", lambda b: b.update(top_k=b["top_k"].long()), "top_k must have dtype"),
+    ("top_p", lambda b: b.update(top_p=b["top_p"][:2]), "top_p must have shape"),
+    ("min_p", lambda b: b.update(min_p=torch.zeros(6)[::2]), "min_p must be contiguous"),
+    ("seeds", lambda b: b.update(seeds=b["seeds"].int()), "seeds must have dtype"),
+    ("positions", lambda b: b.update(positions=b["positions"].to("meta")), "positions is on meta"),
+    ("branches", lambda b: b.update(branches=[0, 0, 0]), "branches must be a torch.Tensor"),
+    ("tokens_out", lambda b: b.update(tokens_out=torch.empty(3, dtype=torch.int32)), "tokens_out must have dtype"),
+    ("logprobs_out", lambda b: b.update(logprobs_out=torch.empty(4)), "logprobs_out must have shape"),
+])
+def test_bad_inputs_raise_value_error_naming_the_argument(name: str, change, message: str) -> None:
+    batch = _good()
+    change(batch)
+    with pytest.raises(ValueError, match=message) as err:
+        sample_tokens(**batch)
+    assert name in str(err.value)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("seeds", dict(seeds=torch.zeros(3)), "seeds must have dtype"),
+    ("positions", dict(positions=torch.zeros(2, dtype=torch.int64)), "positions must have shape"),
+    ("out", dict(out=torch.empty(3, dtype=torch.float64)), "out must have dtype"),
+])
+def test_philox_bad_inputs_raise_value_error(name: str, kwargs: dict, message: str) -> None:
+    args = dict(seeds=torch.zeros(3, dtype=torch.int64), positions=torch.zeros(3, dtype=torch.int64),
+                branches=torch.zeros(3, dtype=torch.int64))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message) as err:
+        philox_uniform(**args)
+    assert name in str(err.value)
+
+
+def test_compiles_for_gpus_without_spills() -> None:
+    """At the default model's vocabulary (the widest tile and most pivots), for each logits dtype."""
+    block, pivots, num_warps = _launch_config(49152)
+    jobs, labels = [], []
+    for ty in ("fp32", "fp16", "bf16"):
+        signature = {"logits_ptr": f"*{ty}", "stride_row": "i32", "V": "i32", "temperature_ptr": "*fp32",
+                     "top_k_ptr": "*i32", "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "seed_ptr": "*i64",
+                     "position_ptr": "*i64", "branch_ptr": "*i64", "tokens_ptr": "*i64", "logprobs_ptr": "*fp32",
+                     "BLOCK": "constexpr", "PIVOTS": "constexpr"}
+        for arch in GPU_ARCHS:
+            jobs.append(dict(signature=signature, constexprs=dict(BLOCK=block, PIVOTS=pivots), arch=arch,
+                             num_warps=num_warps))
+            labels.append((f"sample_tokens {ty} V49152", arch))
+    for (label, arch), usage in zip(labels, compile_many(_sample_kernel, jobs)):
+        assert_no_spills(label, arch, usage)
+    signature = {"seed_ptr": "*i64", "position_ptr": "*i64", "branch_ptr": "*i64", "out_ptr": "*fp32", "R": "i32",
+                 "BLOCK": "constexpr"}
+    jobs = [dict(signature=signature, constexprs=dict(BLOCK=128), arch=arch, num_warps=4) for arch in GPU_ARCHS]
+    for arch, usage in zip(GPU_ARCHS, compile_many(_philox_uniform_kernel, jobs)):
+        assert_no_spills("philox_uniform", arch, usage)
