@@ -15,7 +15,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
 	$(PIP) install scikit-build-core pybind11 "numpy>=1.26" "gguf>=0.10" "tokenizers>=0.21" \
-		"jinja2>=3.1" "safetensors>=0.4" "tqdm>=4.66" "triton>=3.6" "pytest>=8" "transformers>=4.46" "accelerate>=1.0"
+		"jinja2>=3.1" "safetensors>=0.4" "tqdm>=4.66" "triton>=3.6" "pytest>=8" "transformers>=4.46" "accelerate>=1.0" \
+		"nvidia-cuda-nvrtc>=13"
 	touch $@
 
 # The C++ core is rebuilt whenever its sources change; Python edits are live (editable).
