@@ -172,21 +172,48 @@ def run(args) -> tuple[dict, list[Row]]:
                     "≥ 75% of bandwidth (quantized bytes)"))
 
     # Cascade attention: 64 branches on a 2k shared prefix vs one branch
-    from lockstep.kernels.cascade_attention import cascade_attention
+    from lockstep.kernels.cascade_attention import cascade_attention, cascade_attention_reference
 
     branches, prefix, suffix, hq, hkv, d = (3, 32, 8, 4, 2, 64) if small else (64, 2048, 64, 32, 8, 128)
-    kp, vp, ptable, _ = paged_kv(1, prefix + branches * suffix, hkv, d, bs, dtype, device, gen)
+    suffix_blocks = math.ceil(suffix / bs)  # each branch owns whole blocks
+    kp, vp, ptable, _ = paged_kv(1, prefix + branches * suffix_blocks * bs, hkv, d, bs, dtype, device, gen)
     flat = ptable.view(-1)
     prefix_table = flat[:prefix // bs].contiguous()
     suffix_tables = flat[prefix // bs:].view(branches, -1).contiguous()
     suffix_lens = torch.full((branches,), suffix, device=device, dtype=torch.int32)
     q = torch.randn(branches, hq, d, device=device, dtype=dtype, generator=gen)
-    many = bench(lambda: cascade_attention(q, kp, vp, prefix_table, prefix, suffix_tables, suffix_lens, bs, scale),
-                 small)
+    cascade_args = (q, kp, vp, prefix_table, prefix, suffix_tables, suffix_lens, bs, scale)
+    err = max_err(cascade_attention(*cascade_args), cascade_attention_reference(*cascade_args))
+    many = bench(lambda: cascade_attention(*cascade_args), small)
     one = bench(lambda: cascade_attention(q[:1], kp, vp, prefix_table, prefix, suffix_tables[:1], suffix_lens[:1],
                                           bs, scale), small)
     rows.append(Row("cascade_attention", f"{branches} branches, prefix {prefix}", many, "same kernel, 1 branch", one,
-                    "x of 1 branch", many / one, 1.0, float("nan"), float("nan"), "step ≤ 2x one branch"))
+                    "x of 1 branch", many / one, 1.0, float("nan"), err, "step ≤ 2x one branch"))
+
+    # Sampling: top-p 0.9 at temperature 0.8 over a Llama 3 vocabulary, against torch's sort-based way
+    from lockstep.kernels.sampling import sample_tokens, sample_tokens_reference
+
+    rows_n, vocab = (3, 1000) if small else (64, 128256)
+    logits = torch.randn(rows_n, vocab, device=device, dtype=torch.float32, generator=gen) * 3
+    per_row = lambda value, dt: torch.full((rows_n,), value, device=device, dtype=dt)  # noqa: E731
+    sample_args = (logits, per_row(0.8, torch.float32), per_row(0, torch.int32), per_row(0.9, torch.float32),
+                   per_row(0.0, torch.float32), per_row(7, torch.int64),
+                   torch.arange(rows_n, device=device, dtype=torch.int64), per_row(0, torch.int64))
+    tokens, _ = sample_tokens(*sample_args)
+    ref_tokens, _ = sample_tokens_reference(*sample_args)
+    mismatch = float((tokens.cpu() != ref_tokens.cpu()).float().mean())
+
+    def torch_top_p() -> torch.Tensor:
+        probs, ids = torch.sort(torch.softmax(logits / 0.8, dim=-1), dim=-1, descending=True)
+        probs[(probs.cumsum(-1) - probs) >= 0.9] = 0.0
+        return ids.gather(1, torch.multinomial(probs, 1))
+
+    ours = bench(lambda: sample_tokens(*sample_args), small)
+    peer = bench(torch_top_p, small)
+    nbytes = logits.numel() * logits.element_size()
+    rows.append(Row("sample_tokens top-p", f"{rows_n}x{vocab}", ours, "torch sort + multinomial", peer, "GB/s",
+                    gbps(nbytes, ours), gbps(nbytes, peer), gbps(nbytes, ours) / bw, mismatch,
+                    "faster than the sort", ["max err column: fraction of tokens differing from the CPU sampler"]))
 
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
