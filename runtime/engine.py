@@ -23,7 +23,7 @@ from .errors import ContextLengthError, InvalidRequestError
 from .kv_cache import KVCache
 from .loader import LoadedModel
 from .model import SeqSpan, StepInputs, TorchModel
-from .sampler import sample
+from .sampler import sample, sample_with_kernel
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import FinishReason, SeqOutput, Sequence, SeqStatus
@@ -265,7 +265,7 @@ class Engine:
             token_ids=torch.tensor(token_ids, device=dev), positions=torch.tensor(positions, device=dev),
             slot_mapping=torch.cat(slots).to(dev), spans=spans,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
-        )).float().cpu()
+        )).float()
         for item in plan:
             item.seq.num_computed += item.num_tokens
 
@@ -279,8 +279,10 @@ class Engine:
         to_sample = [(s, i) for s, i in to_sample if s.seq_id not in done_ids]
         if to_sample:
             seqs = [s for s, _ in to_sample]
-            rows = logits[torch.tensor([i for _, i in to_sample])]
-            result = sample(rows, [s.params for s in seqs], [(s.seed, s.num_tokens, s.branch) for s in seqs],
+            rows = logits[torch.tensor([i for _, i in to_sample], device=logits.device)]
+            choose = sample_with_kernel if self.backend == "triton" else sample
+            rows = rows if self.backend == "triton" else rows.cpu()  # the CPU sampler loops over rows
+            result = choose(rows, [s.params for s in seqs], [(s.seed, s.num_tokens, s.branch) for s in seqs],
                             [self._banned_tokens(s) for s in seqs])
             for i, seq in enumerate(seqs):
                 outputs.append(self._accept_token(seq, result.token_ids[i], result.logprobs[i],
@@ -291,7 +293,7 @@ class Engine:
                                 prompt_lp: list[tuple[Sequence, int, int, int]]) -> None:
         for seq, index, position, count_rows in prompt_lp:
             lp = torch.log_softmax(logits[index:index + count_rows].float(), dim=-1)
-            targets = torch.tensor(seq.token_ids[position + 1:position + 1 + count_rows])
+            targets = torch.tensor(seq.token_ids[position + 1:position + 1 + count_rows], device=logits.device)
             seq.prompt_logprobs.extend(lp.gather(1, targets[:, None]).squeeze(1).tolist())
             if seq.params.prompt_logprobs:
                 vals, ids = torch.topk(lp, seq.params.prompt_logprobs, dim=-1)

@@ -95,3 +95,38 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[
         else:
             tops.append([])
     return SampleResult(tokens, chosen, tops)
+
+
+def sample_with_kernel(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int, int]],
+                       banned: list[frozenset[int]] | None = None) -> SampleResult:
+    """The choice `sample` makes, made where the logits are by kernels/sampling.py: one launch for
+    every row, no sort, and only the tokens and logprobs cross to the host."""
+    from lockstep.kernels.sampling import sample_tokens
+
+    device = logits.device
+    raw = logits.float()
+    rows = raw
+    if banned is not None and any(banned):
+        rows = raw.clone()
+        for r, ids in enumerate(banned):
+            if ids:
+                rows[r, list(ids)] = float("-inf")
+    column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    # Seeds are 64-bit unsigned; the kernel takes their two's-complement int64 bits.
+    seeds = [seed - (1 << 64) if seed >= 1 << 63 else seed for seed, _, _ in keys]
+    tokens, chosen = sample_tokens(
+        rows, column([0.0 if p.greedy else p.temperature for p in params], torch.float32),
+        column([max(p.top_k, 0) for p in params], torch.int32), column([p.top_p for p in params], torch.float32),
+        column([p.min_p for p in params], torch.float32), column(seeds, torch.int64),
+        column([k[1] for k in keys], torch.int64), column([k[2] for k in keys], torch.int64))
+    logprobs = torch.log_softmax(raw, dim=-1) if rows is not raw or any(p.logprobs for p in params) else None
+    if rows is not raw:  # the chosen token's logprob is under the model's own distribution
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    tops = []
+    for r, p in enumerate(params):
+        if p.logprobs:
+            vals, ids = torch.topk(logprobs[r], p.logprobs)
+            tops.append(list(zip(ids.tolist(), vals.tolist())))
+        else:
+            tops.append([])
+    return SampleResult(tokens.tolist(), chosen.tolist(), tops)
