@@ -12,6 +12,35 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, state
 import pytest
 
 
+def _row_independent_interpreter_dot() -> None:
+    """Makes the interpreter's tl.dot give each output row the same bits wherever the row sits.
+
+    The interpreter runs tl.dot on numpy's matmul, i.e. OpenBLAS, whose sgemm kernels (Haswell's,
+    for one) round a row differently by its place in the tile. A GPU's MMA does not, and the
+    kernels' batch-invariance tests (a row alone vs inside a batch) must test the kernels, not
+    OpenBLAS. einsum's own loop reduces each output element in one order; the operands are
+    widened to the accumulator's dtype first, which is exact.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        acc = d.data.dtype
+        if acc != np.float32 or a.data.ndim != 2 or b.data.ndim != 2 or a.dtype.primitive_bitwidth == 8:
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        product = np.einsum("mk,kn->mn", a.data.astype(acc), b.data.astype(acc))
+        return interpreter.TensorHandle(product + d.data, d.dtype.scalar)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+_row_independent_interpreter_dot()
+
+
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The default model, fetched into lockstep's cache on first use (make test fetches it first)."""

@@ -1,0 +1,42 @@
+"""The GPU benchmark scripts run end to end on the CPU (--dry-run), so no device minute goes on a typo.
+
+A dry run uses tiny shapes under the Triton interpreter and times nothing; what it proves is
+that every kernel call, reference and table row in the script works.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def run_script(name: str) -> str:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / name), "--dry-run"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_kernel_benchmark_dry_run() -> None:
+    out = run_script("kernels.py")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| kernel")]
+    kernels = {row.split("|")[1].strip() for row in rows}
+    assert {"rms_norm", "decode_attention", "prefill_attention", "quant_matmul Q4_1 (M=1)",
+            "cascade_attention", "sample_tokens top-p"} <= kernels, out
+    for row in rows:  # the max error column: each kernel against its reference, at tiny sizes
+        err = row.split("|")[9].strip()
+        assert err == "nan" or float(err) < 5e-2, row
+
+
+@pytest.mark.slow
+def test_end_to_end_benchmark_dry_run() -> None:
+    out = run_script("gpu_e2e.py")
+    lines = [line for line in out.splitlines() if line.startswith("synthetic:")]
+    assert [line.split()[1:3] for line in lines] == [["torch", "float32"], ["triton", "float32"], ["triton", "Q4_1"]]
