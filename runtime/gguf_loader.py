@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import LoadStats, ModelConfig, RopeScaling
+from .config import LoadStats, ModelConfig
 from .dequant import SUPPORTED_TYPES, dequantize
 from .errors import ModelLoadError, UnsupportedModelError
 from .fetch import lockstep_home

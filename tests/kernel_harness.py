@@ -8,6 +8,7 @@ compile on a GPU fails CI; the compiled cubin's registers, shared memory and spi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -41,6 +42,30 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def poisoned(shape, dtype: torch.dtype) -> torch.Tensor:
     """An output buffer full of NaN, so a slot the kernel forgets to write shows up."""
     return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def paged_cache(seq_lens: list[int], num_kv_heads: int, head_dim: int, block_size: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float32 KV arena holding each sequence's seq_lens[b] tokens in blocks shuffled over it.
+
+    Returns (k_cache, v_cache, block_tables). Block 0, which table padding points at, two spare
+    blocks and the tail of each sequence's last block hold NaN, so a kernel that reads a slot
+    outside a sequence's context produces NaN.
+    """
+    blocks = [math.ceil(max(n, 0) / block_size) for n in seq_lens]
+    num_blocks = 1 + sum(blocks) + 2
+    order = (1 + torch.randperm(num_blocks - 1, generator=gen)).tolist()
+    tables = torch.zeros(len(seq_lens), max(blocks + [1]), dtype=torch.int32)
+    k = torch.full((num_blocks * block_size, num_kv_heads, head_dim), float("nan"))
+    v = k.clone()
+    for b, n in enumerate(blocks):
+        tables[b, :n] = torch.tensor(order[:n], dtype=torch.int32)
+        order = order[n:]
+        slots = tables[b, :n].long().repeat_interleave(block_size) * block_size + torch.arange(block_size).repeat(n)
+        slots = slots[:max(seq_lens[b], 0)]
+        k[slots] = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
+        v[slots] = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
+    return k, v, tables
 
 
 def _cuobjdump() -> Path:

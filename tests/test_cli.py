@@ -1,7 +1,6 @@
 """The command line, run as a user runs it: streaming output, and one-line errors for bad input."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

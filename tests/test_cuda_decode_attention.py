@@ -24,7 +24,13 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
-from kernel_harness import GPU_ARCHS, assert_close, assert_no_spills, poisoned
+from kernel_harness import (
+    GPU_ARCHS,
+    assert_close,
+    assert_no_spills,
+    paged_cache,
+    poisoned,
+)
 
 import lockstep.kernels.cuda_decode_attention as cda
 from lockstep.kernels.cuda_decode_attention import (
@@ -48,19 +54,7 @@ def make_batch(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: int
                dtype: torch.dtype, seed: int, device: str = "cpu") -> dict:
     """A decode step: sequence b has seq_lens[b] cached tokens, the last being the new one."""
     gen = torch.Generator().manual_seed(seed)
-    blocks = [math.ceil(max(n, 0) / block_size) for n in seq_lens]
-    num_blocks = 1 + sum(blocks) + 2  # block 0 (table padding) and two more are spare
-    order = (1 + torch.randperm(num_blocks - 1, generator=gen)).tolist()
-    tables = torch.zeros(len(seq_lens), max(blocks + [1]), dtype=torch.int32)
-    k = torch.full((num_blocks * block_size, num_kv_heads, head_dim), float("nan"))
-    v = k.clone()
-    for b, n in enumerate(blocks):
-        tables[b, :n] = torch.tensor(order[:n], dtype=torch.int32)
-        order = order[n:]
-        slots = tables[b, :n].long().repeat_interleave(block_size) * block_size + torch.arange(block_size).repeat(n)
-        slots = slots[:max(seq_lens[b], 0)]  # the tail of the last block stays NaN
-        k[slots] = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
-        v[slots] = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
+    k, v, tables = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, gen)
     q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen)
     return dict(q=q.to(device, dtype), k_cache=k.to(device, dtype), v_cache=v.to(device, dtype),
                 block_tables=tables.to(device), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
@@ -89,7 +83,7 @@ def reference(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale) ->
 def test_constants_match_the_source() -> None:
     text = SOURCE.read_text()
     assert re.search(rf"kSplitTokens = {SPLIT_TOKENS};", text), "SPLIT_TOKENS differs from kSplitTokens in the .cu"
-    assert re.search(rf"kThreads = kWarps \* 32;", text) and re.search(r"kWarps = 4;", text)
+    assert re.search(r"kThreads = kWarps \* 32;", text) and re.search(r"kWarps = 4;", text)
     assert cda._SPLIT_THREADS == 128
     assert "#include" not in text, "NVRTC compiles the file with no include path: keep it header-free"
 

@@ -11,7 +11,15 @@ import math
 
 import pytest
 import torch
-from kernel_harness import GPU_ARCHS, TEST_DTYPES, assert_close, assert_no_spills, compile_many, poisoned
+from kernel_harness import (
+    GPU_ARCHS,
+    TEST_DTYPES,
+    assert_close,
+    assert_no_spills,
+    compile_many,
+    paged_cache,
+    poisoned,
+)
 
 from lockstep.kernels.decode_attention import (
     SPLIT_TARGET,
@@ -36,19 +44,7 @@ def make_batch(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: int
                dtype: torch.dtype, seed: int) -> dict:
     """One decode step: sequence b has seq_lens[b] tokens cached (its new token included)."""
     gen = torch.Generator().manual_seed(seed)
-    blocks = [math.ceil(n / block_size) for n in seq_lens]
-    num_blocks = 1 + sum(blocks) + 2  # block 0 and two more are spare
-    order = (1 + torch.randperm(num_blocks - 1, generator=gen)).tolist()
-    tables = torch.zeros(len(seq_lens), max(blocks + [1]), dtype=torch.int32)
-    k = torch.full((num_blocks * block_size, num_kv_heads, head_dim), float("nan"))
-    v = k.clone()
-    for b, n in enumerate(blocks):
-        tables[b, :n] = torch.tensor(order[:n], dtype=torch.int32)
-        order = order[n:]
-        slots = tables[b, :n].long().repeat_interleave(block_size) * block_size + torch.arange(block_size).repeat(n)
-        slots = slots[:seq_lens[b]]  # the tail of the last block stays NaN
-        k[slots] = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
-        v[slots] = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
+    k, v, tables = paged_cache(seq_lens, num_kv_heads, head_dim, block_size, gen)
     q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, generator=gen)
     return dict(q=q.to(dtype), k_cache=k.to(dtype), v_cache=v.to(dtype), block_tables=tables,
                 seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_size=block_size, scale=head_dim ** -0.5)

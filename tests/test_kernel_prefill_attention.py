@@ -6,11 +6,18 @@ tables are shuffled over the arena. Cache slots that belong to no sequence, and 
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-from kernel_harness import GPU_ARCHS, TEST_DTYPES, assert_close, assert_no_spills, compile_many, poisoned
+from kernel_harness import (
+    GPU_ARCHS,
+    TEST_DTYPES,
+    assert_close,
+    assert_no_spills,
+    compile_many,
+    paged_cache,
+    poisoned,
+)
 
 from lockstep.kernels.prefill_attention import (
     _prefill_attention_kernel,
@@ -30,19 +37,7 @@ def make_batch(q_lens: list[int], prefixes: list[int], num_kv_heads: int, group:
     """A ragged step: sequence b has prefixes[b] cached tokens and q_lens[b] new ones (already cached)."""
     gen = torch.Generator().manual_seed(seed)
     ctx = [p + n for p, n in zip(prefixes, q_lens)]
-    blocks = [math.ceil(c / block_size) for c in ctx]
-    num_blocks = 1 + sum(blocks) + 2  # block 0 and two more are spare
-    order = (1 + torch.randperm(num_blocks - 1, generator=gen)).tolist()
-    tables = torch.zeros(len(ctx), max(blocks + [1]), dtype=torch.int32)
-    k = torch.full((num_blocks * block_size, num_kv_heads, head_dim), float("nan"))
-    v = k.clone()
-    for b, n in enumerate(blocks):
-        tables[b, :n] = torch.tensor(order[:n], dtype=torch.int32)
-        order = order[n:]
-        slots = tables[b, :n].long().repeat_interleave(block_size) * block_size + torch.arange(block_size).repeat(n)
-        slots = slots[:ctx[b]]  # the tail of the last block stays NaN
-        k[slots] = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
-        v[slots] = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen)
+    k, v, tables = paged_cache(ctx, num_kv_heads, head_dim, block_size, gen)
     q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen)
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     return dict(q=q.to(dtype), k_cache=k.to(dtype), v_cache=v.to(dtype), block_tables=tables, query_start=starts,
