@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .linear import Linears
 from .weights import ModelWeights
 
 
@@ -56,10 +57,12 @@ def rope_inv_freq(config: ModelConfig, freq_divisors: torch.Tensor | None) -> to
 
 
 class TorchModel:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache) -> None:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache, linear: Linears | None = None) -> None:
+        """`linear` runs the matmuls (default: torch's, on the float weights)."""
         self.config = config
         self.w = weights
         self.kv = kv
+        self.linear = linear or Linears(weights)
         freqs = torch.outer(torch.arange(config.max_position, dtype=torch.float32),
                             rope_inv_freq(config, weights.rope_freqs))
         self.cos = freqs.cos().to(kv.k.device)
@@ -85,7 +88,7 @@ class TorchModel:
         sin = self.sin[inputs.positions].unsqueeze(1)
         for layer_idx, layer in enumerate(self.w.layers):
             h = self.rms_norm(x, layer.attn_norm)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qkv = self.linear(h, layer_idx, "wqkv")
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = self.rope(q.view(-1, cfg.num_heads, cfg.head_dim), cos, sin)
             k = self.rope(k.view(-1, cfg.num_kv_heads, cfg.head_dim), cos, sin)
@@ -93,12 +96,12 @@ class TorchModel:
             k_cache.index_copy_(0, inputs.slot_mapping, k)
             v_cache.index_copy_(0, inputs.slot_mapping, v.view(-1, cfg.num_kv_heads, cfg.head_dim))
             attn = self.attention(q, k_cache, v_cache, inputs.spans)
-            x = x + F.linear(attn, layer.wo)
+            x = x + self.linear(attn, layer_idx, "wo")
             h = self.rms_norm(x, layer.ffn_norm)
-            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+            gate, up = self.linear(h, layer_idx, "w_gate_up").chunk(2, dim=-1)
+            x = x + self.linear(F.silu(gate) * up, layer_idx, "w_down")
         x = self.rms_norm(x[inputs.logit_rows], self.w.final_norm)
-        return F.linear(x, self.w.lm_head)
+        return self.linear(x, None, "lm_head")
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   spans: list[SeqSpan]) -> torch.Tensor:

@@ -15,13 +15,13 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import InvalidRequestError
 from .kv_cache import KVCache
+from .linear import Linears
 from .model import StepInputs, rope_inv_freq
-from .quantized_weights import QuantizedMatrix, QuantizedWeights
+from .quantized_weights import QuantizedWeights
 from .weights import ModelWeights
 
 log = logging.getLogger("lockstep")
@@ -58,8 +58,8 @@ class TritonModel:
         self._rms_norm, self._fused_add_rms_norm = rms_norm, fused_add_rms_norm
         self._rope_and_cache = rope_and_cache
         self._silu_and_mul = silu_and_mul
-        self._quant_matmul = quant_matmul
         self.quantized = quantized
+        self.linear = Linears(weights, quantized, lambda x, m: quant_matmul(x, m.blocks, m.qtype))
 
         self.config = config
         self.w = weights
@@ -86,13 +86,6 @@ class TritonModel:
         to = lambda t: t.to(self.device)  # noqa: E731
         return to(block_tables), to(seq_lens), to(query_start), is_decode
 
-    def _linear(self, x: torch.Tensor, dense: torch.Tensor, quant: QuantizedMatrix | None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        if quant is None:
-            return F.linear(x, dense, bias)
-        out = self._quant_matmul(x, quant.blocks, quant.qtype)
-        return out if bias is None else out.add_(bias)
-
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         cfg = self.config
@@ -102,9 +95,7 @@ class TritonModel:
         residual = self.w.embed[inputs.token_ids]
         h = self._rms_norm(residual, self.w.layers[0].attn_norm, eps)
         for layer_idx, layer in enumerate(self.w.layers):
-            q_layer = None if self.quantized is None else self.quantized.layers[layer_idx]
-            quant = lambda name: None if q_layer is None else getattr(q_layer, name)  # noqa: E731
-            qkv = self._linear(h, layer.wqkv, quant("wqkv"), layer.bqkv)
+            qkv = self.linear(h, layer_idx, "wqkv")
             q = qkv[:, :cfg.q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)
             k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, cfg.q_size + cfg.kv_size:].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -117,13 +108,13 @@ class TritonModel:
             else:
                 attn = self._prefill_attention(q, k_cache, v_cache, block_tables, query_start, seq_lens,
                                                self.kv.block_size, self.scale)
-            out = self._linear(attn.view(num_tokens, cfg.q_size), layer.wo, quant("wo"))
+            out = self.linear(attn.view(num_tokens, cfg.q_size), layer_idx, "wo")
             h, residual = self._fused_add_rms_norm(out, residual, layer.ffn_norm, eps)
-            gate_up = self._linear(h, layer.w_gate_up, quant("w_gate_up"))
-            mlp = self._linear(self._silu_and_mul(gate_up), layer.w_down, quant("w_down"))
+            gate_up = self.linear(h, layer_idx, "w_gate_up")
+            mlp = self.linear(self._silu_and_mul(gate_up), layer_idx, "w_down")
             if layer_idx + 1 < len(self.w.layers):
                 h, residual = self._fused_add_rms_norm(mlp, residual, self.w.layers[layer_idx + 1].attn_norm, eps)
         # Only the rows whose logits are wanted go through the final norm and the vocabulary.
         rows = inputs.logit_rows.to(self.device)
         h, _ = self._fused_add_rms_norm(mlp[rows], residual[rows], self.w.final_norm, eps)
-        return self._linear(h, self.w.lm_head, None if self.quantized is None else self.quantized.lm_head)
+        return self.linear(h, None, "lm_head")
