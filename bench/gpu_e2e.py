@@ -65,7 +65,9 @@ def main() -> int:
             times = engine.run_until_done([seq])[seq.seq_id]
             decode_s = (times[-1] - times[0]) / (len(times) - 1)
             quantized = getattr(engine.runner, "quantized", None)
-            weight_bytes = quantized.nbytes() if quantized is not None else engine.runner.w.nbytes()
+            w = engine.runner.w
+            untied_embed = w.embed.numel() * w.embed.element_size() if w.embed is not w.lm_head else 0
+            weight_bytes = quantized.nbytes() if quantized is not None else w.nbytes() - untied_embed
             kv_bytes = model.config.kv_bytes_per_token(2) * (args.prompt_tokens + args.new_tokens // 2)
             roofline_s = (weight_bytes + kv_bytes) / (bandwidth * 1e9)
             label = quantized.layers[0].wqkv.qtype if quantized is not None else str(dtype).removeprefix("torch.")

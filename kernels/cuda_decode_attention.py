@@ -108,6 +108,27 @@ def require_cuda_kernels(device: torch.device | None = None) -> None:
     _import_cupy()
 
 
+def prepare_cuda_kernels(device: torch.device, dtype: torch.dtype, head_dim: int, group: int) -> None:
+    """Everything a model's first decode step would find wrong, found now: no GPU or CuPy, a head
+    size or dtype the .cu lacks, or a source NVRTC cannot compile for this device (CuPy's CUDA
+    not matching the driver, say). Compiles and loads the entry points the model will call."""
+    require_cuda_kernels(device)
+    if head_dim not in HEAD_DIMS:
+        raise CudaKernelsUnavailable(f"--attention cuda has kernels for head_dim {' and '.join(map(str, HEAD_DIMS))}; "
+                                     f"this model's is {head_dim}: use --attention triton")
+    if dtype not in _DTYPE_TAGS:
+        raise CudaKernelsUnavailable(f"--attention cuda has no kernels for {dtype}")
+    try:
+        for name in kernel_names(dtype, head_dim, group):
+            _function(device.index if device.index is not None else torch.cuda.current_device(), name)
+    except CudaKernelsUnavailable:
+        raise
+    except Exception as err:  # CuPy's compile and driver errors, reported in one line
+        raise CudaKernelsUnavailable(f"--attention cuda: the CUDA C++ kernels did not compile or load on this "
+                                     f"device ({type(err).__name__}: {str(err).strip()[:300]}); "
+                                     "use --attention triton") from None
+
+
 @functools.lru_cache(maxsize=None)
 def _module() -> Any:
     cupy = _import_cupy()

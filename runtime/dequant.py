@@ -223,6 +223,9 @@ def dequantize_blocks(blocks: torch.Tensor, qtype: GGMLQuantizationType) -> torc
     if qtype not in (_T.Q8_0, _T.Q4_0, _T.Q4_1):
         raise ValueError(f"dequantize_blocks reads Q8_0, Q4_0 or Q4_1 blocks, got {qtype.name}")
     block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if blocks.dim() != 2 or blocks.dtype != torch.uint8 or blocks.shape[1] % type_size:
+        raise ValueError(f"blocks must be uint8 rows of whole {qtype.name} blocks ({type_size} bytes), "
+                         f"got {blocks.dtype} of shape {tuple(blocks.shape)}")
     rows = blocks.shape[0]
     flat = blocks.reshape(-1, type_size)
     out = torch.empty((flat.shape[0], block_size), dtype=torch.float32, device=blocks.device)

@@ -17,12 +17,16 @@ from typing import Iterator, Sequence as Seq
 
 import torch
 
+from lockstep import _core
+
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import ContextLengthError, InvalidRequestError
 from .kv_cache import KVCache
+from .linear import Linears, native_cpu_matmul
 from .loader import LoadedModel
 from .model import SeqSpan, StepInputs, TorchModel
+from .quantized_weights import load_quantized_gguf, with_float_rows, without_blocked_matrices
 from .sampler import sample, sample_with_kernel
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -53,20 +57,25 @@ class Engine:
         self.config = config or EngineConfig()
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+            if self.config.cpu_kernels == "native":
+                _core.set_num_threads(self.config.threads)
         self.model_config = model.config
         self.tokenizer = model.tokenizer
         self.device, self.backend = select_backend(self.config)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        weights = model.weights if self.device.type == "cpu" else model.weights.to(self.device, dtype)
+        quantized = quantized_weights(model, self.config, self.device) if self.backend == "triton" else None
+        # A matrix read as blocks needs no float copy on the device (8B in bf16 is 16 GB never read).
+        weights = without_blocked_matrices(model.weights, quantized).to(self.device, dtype)
         self.kv = KVCache.for_budget(model.config, self.config.kv_memory_bytes, self.config.block_size,
                                      dtype=dtype, device=self.device)
         if self.backend == "triton":
             from .triton_model import TritonModel
 
             self.runner = TritonModel(model.config, weights, self.kv, attention=self.config.attention,
-                                      quantized=quantized_weights(model, self.config, self.device))
+                                      quantized=quantized)
         else:
-            self.runner = TorchModel(model.config, weights, self.kv)
+            self.runner = TorchModel(model.config, weights, self.kv, cpu_linears(model, weights, self.config,
+                                                                                 self.device))
         self.scheduler = Scheduler(self.config, self.kv)
         limits = [model.config.max_position, self.kv.capacity_tokens]
         if self.config.max_model_len:
@@ -99,6 +108,7 @@ class Engine:
         if not ids:
             raise InvalidRequestError("the prompt is empty")
         self._check_ids(ids)
+        self._check_ids(params.stop_token_ids, what="stop token id")
         self._check_length(len(ids), params.max_tokens if generate else 0)
         seq = Sequence(
             seq_id=next(self._ids), params=params, token_ids=ids, num_prompt_tokens=len(ids),
@@ -112,11 +122,11 @@ class Engine:
         self.scheduler.add(seq)
         return seq
 
-    def _check_ids(self, ids: Seq[int]) -> None:
+    def _check_ids(self, ids: Seq[int], what: str = "token id") -> None:
         vocab = self.model_config.vocab_size
         bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
-            raise InvalidRequestError(f"token id {bad!r} is out of range for a vocabulary of {vocab}")
+            raise InvalidRequestError(f"{what} {bad!r} is out of range for a vocabulary of {vocab}")
 
     def _check_length(self, num_tokens: int, max_tokens: int | None) -> None:
         need = num_tokens + (max_tokens or 0)
@@ -432,9 +442,27 @@ def select_backend(config: EngineConfig) -> tuple[torch.device, str]:
     return device, backend
 
 
+def is_gguf_file(model: LoadedModel) -> bool:
+    return model.source.is_file() and model.source.suffix == ".gguf"
+
+
+def cpu_linears(model: LoadedModel, weights, config: EngineConfig, device: torch.device) -> Linears | None:
+    """The native CPU kernel for every matmul of the torch backend on the CPU (None: torch's GEMM)."""
+    if device.type != "cpu" or config.cpu_kernels != "native":
+        return None
+    blocks = model.quantized
+    if blocks is None and is_gguf_file(model):
+        blocks = load_quantized_gguf(model.source, model.config)
+    matrices = with_float_rows(blocks, weights)
+    found, total = (blocks.count() if blocks is not None else (0, matrices.count()[1]))
+    log.info("cpu kernels: native, %d of %d linear layers read as GGUF blocks, %d threads", found, total,
+             _core.get_num_threads())
+    return Linears(weights, matrices, native_cpu_matmul)
+
+
 def quantized_weights(model: LoadedModel, config: EngineConfig, device: torch.device):
     """The GGUF blocks the triton backend's quantized matmul reads, or None for dense weights."""
-    is_gguf = model.source.is_file() and model.source.suffix == ".gguf"
+    is_gguf = is_gguf_file(model)
     has_blocks = is_gguf or model.quantized is not None
     wanted = config.weights == "quantized" or (config.weights == "auto" and device.type == "cuda" and has_blocks)
     if not wanted:
@@ -444,11 +472,12 @@ def quantized_weights(model: LoadedModel, config: EngineConfig, device: torch.de
                                   f"{model.source} is neither")
     if model.quantized is not None:
         return model.quantized.to(device)
-    from .quantized_weights import load_quantized_gguf
-
     quantized = load_quantized_gguf(model.source, model.config)
     found, total = quantized.count()
     if found == 0:
+        if config.weights == "auto":
+            log.info("triton backend: %s has no Q8_0/Q4_0/Q4_1 linear layers; dense weights", model.source.name)
+            return None
         raise InvalidRequestError(f"--weights quantized: {model.source.name} has no Q8_0, Q4_0 or Q4_1 linear "
                                   "layers; use --weights dense")
     log.info("triton backend: %d of %d linear layers quantized (%.0f MB read per token)", found, total,

@@ -12,7 +12,7 @@ forward then uses the float weights for it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,14 +20,15 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .weights import ModelWeights
 
-# GGUF types the quantized matmul kernel reads, with the bytes of one block of 32 weights.
+# GGUF types the quantized matmul kernels read, with the bytes of one block of 32 weights.
 KERNEL_QTYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 
 @dataclass
 class QuantizedMatrix:
-    qtype: str  # one of KERNEL_QTYPES
+    qtype: str  # one of KERNEL_QTYPES, or "F32" for float rows (the native CPU kernel reads those too)
     blocks: torch.Tensor  # uint8 [rows, (cols // 32) * block bytes], as stored in the file
 
     @property
@@ -123,3 +124,33 @@ def load_quantized_gguf(path: Path, config: ModelConfig) -> QuantizedWeights:
         return qtype, (_unpermute_rows(blocks, heads) if heads is not None else blocks)
 
     return assemble_quantized(config, raw)
+
+
+def with_float_rows(blocks: QuantizedWeights | None, weights: ModelWeights) -> QuantizedWeights:
+    """Every linear layer as rows the native CPU kernel reads: GGUF blocks where `blocks` has them,
+    else the float32 weights' own bytes (no copy). One kernel then runs every matmul, so every
+    matmul has the same fixed reduction order."""
+    def rows(matrix: QuantizedMatrix | None, dense: torch.Tensor) -> QuantizedMatrix:
+        if matrix is not None:
+            return matrix
+        return QuantizedMatrix("F32", dense.to(torch.float32).contiguous().view(torch.uint8))
+
+    layers = []
+    for n, dense in enumerate(weights.layers):
+        have = blocks.layers[n] if blocks is not None else QuantizedLayer(None, None, None, None)
+        layers.append(QuantizedLayer(*(rows(getattr(have, f), getattr(dense, f))
+                                       for f in ("wqkv", "wo", "w_gate_up", "w_down"))))
+    return QuantizedWeights(layers, rows(None if blocks is None else blocks.lm_head, weights.lm_head))
+
+
+def without_blocked_matrices(weights: ModelWeights, blocks: QuantizedWeights | None) -> ModelWeights:
+    """The same weights with None for every matrix `blocks` holds (the embedding table stays: the
+    token lookup reads it); the forward's Linears never touches those."""
+    if blocks is None:
+        return weights
+    layers = []
+    for dense, have in zip(weights.layers, blocks.layers):
+        kept = {f: (None if getattr(have, f) is not None else getattr(dense, f))
+                for f in ("wqkv", "wo", "w_gate_up", "w_down")}
+        layers.append(replace(dense, **kept))
+    return replace(weights, layers=layers, lm_head=None if blocks.lm_head is not None else weights.lm_head)

@@ -105,23 +105,33 @@ def sample_with_kernel(logits: torch.Tensor, params: list[SamplingParams], keys:
 
     device = logits.device
     raw = logits.float()
+    vocab = raw.shape[-1]
     rows = raw
-    if banned is not None and any(banned):
+    banned_rows = [r for r, ids in enumerate(banned or []) if ids]
+    if banned_rows:
         rows = raw.clone()
-        for r, ids in enumerate(banned):
-            if ids:
-                rows[r, list(ids)] = float("-inf")
+        for r in banned_rows:
+            rows[r, list(banned[r])] = float("-inf")
     column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
     # Seeds are 64-bit unsigned; the kernel takes their two's-complement int64 bits.
     seeds = [seed - (1 << 64) if seed >= 1 << 63 else seed for seed, _, _ in keys]
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]  # k >= vocab keeps every token: off
     tokens, chosen = sample_tokens(
-        rows, column([0.0 if p.greedy else p.temperature for p in params], torch.float32),
-        column([max(p.top_k, 0) for p in params], torch.int32), column([p.top_p for p in params], torch.float32),
-        column([p.min_p for p in params], torch.float32), column(seeds, torch.int64),
-        column([k[1] for k in keys], torch.int64), column([k[2] for k in keys], torch.int64))
-    logprobs = torch.log_softmax(raw, dim=-1) if rows is not raw or any(p.logprobs for p in params) else None
-    if rows is not raw:  # the chosen token's logprob is under the model's own distribution
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        rows,
+        temperature=column([0.0 if p.greedy else p.temperature for p in params], torch.float32),
+        top_k=column(top_k, torch.int32),
+        top_p=column([p.top_p for p in params], torch.float32),
+        min_p=column([p.min_p for p in params], torch.float32),
+        seeds=column(seeds, torch.int64),
+        positions=column([k[1] for k in keys], torch.int64),
+        branches=column([k[2] for k in keys], torch.int64),
+    )
+    logprobs = torch.log_softmax(raw, dim=-1) if banned_rows or any(p.logprobs for p in params) else None
+    if banned_rows:
+        # A banned row's logprob is under the model's own distribution, not the masked one. Only
+        # those rows are recomputed, so a row's logprob never depends on its neighbours' bans.
+        idx = torch.tensor(banned_rows, device=device)
+        chosen[idx] = logprobs[idx].gather(1, tokens[idx, None]).squeeze(1)
     tops = []
     for r, p in enumerate(params):
         if p.logprobs:

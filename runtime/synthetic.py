@@ -7,8 +7,8 @@ meaningless. The tokenizer is byte-level over a vocabulary padded with filler to
 size, so text prompts still work.
 
 `synthetic:llama-3.2-1b:q4_1` (or `:q4_0`, `:q8_0`) draws its linear layers as random GGUF
-blocks instead, for the triton backend's quantized matmul; the float weights are those blocks
-dequantized, so the torch backend computes the same model.
+blocks instead, for the quantized matmuls; the float weights are those blocks dequantized, so
+the torch backend computes the same model (on a GPU, up to rounding those weights to bf16).
 """
 from __future__ import annotations
 

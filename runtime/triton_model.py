@@ -45,11 +45,12 @@ class TritonModel:
             from lockstep.kernels.cuda_decode_attention import (
                 CudaKernelsUnavailable,
                 cuda_decode_attention,
-                require_cuda_kernels,
+                prepare_cuda_kernels,
             )
 
             try:  # at start-up, not at the first decode step
-                require_cuda_kernels(kv.k.device)
+                prepare_cuda_kernels(kv.k.device, kv.k.dtype, config.head_dim,
+                                     config.num_heads // config.num_kv_heads)
             except CudaKernelsUnavailable as exc:
                 raise InvalidRequestError(str(exc)) from None
             self._decode_attention = cuda_decode_attention

@@ -192,3 +192,5 @@ def test_too_long_prompt_is_refused(make_engine) -> None:
         engine.add_request(list(range(100, 170)), SamplingParams(max_tokens=1))
     with pytest.raises(InvalidRequestError, match="out of range"):
         engine.add_request([1, 10**6], SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequestError, match="stop token id 1000000000 is out of range"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=1, min_tokens=1, stop_token_ids=[10**9]))
