@@ -63,6 +63,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", choices=("auto", "quantized", "dense"), default="auto",
                    help="triton backend linear layers: GGUF Q8_0/Q4_0/Q4_1 blocks dequantized in the kernel, "
                         "or float weights (auto: quantized on CUDA for such a GGUF)")
+    g.add_argument("--cpu-kernels", choices=("native", "torch"), default="torch",
+                   help="torch backend matmuls on the CPU: lockstep's C++ kernel on the GGUF's blocks "
+                        "(batch-invariant), or torch's float GEMM")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
 
 
@@ -115,7 +118,8 @@ def _engine(args: argparse.Namespace):
     model = load_model(args.model)
     return Engine(model, EngineConfig(kv_memory_bytes=args.kv_memory, max_model_len=args.max_model_len,
                                       threads=args.threads, backend=args.backend, device=args.device,
-                                      attention=args.attention, weights=args.weights)), model
+                                      attention=args.attention, weights=args.weights,
+                                      cpu_kernels=args.cpu_kernels)), model
 
 
 def _params(args: argparse.Namespace):

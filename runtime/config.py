@@ -89,6 +89,9 @@ class EngineConfig:
     # the matmul kernel (4-bit weights stream from memory); "dense" uses float weights through
     # torch's matmul; "auto" is quantized on CUDA when the model is such a GGUF, else dense.
     weights: str = "auto"
+    # Matmuls of the torch backend on the CPU: "native" is lockstep's C++ kernel reading GGUF
+    # blocks as stored (batch-invariant, fixed reduction order); "torch" is torch's float GEMM.
+    cpu_kernels: str = "torch"
 
     def __post_init__(self) -> None:
         checks = {
@@ -96,6 +99,7 @@ class EngineConfig:
             "device": self.device in ("auto", "cpu", "cuda"),
             "attention": self.attention in ("triton", "cuda"),
             "weights": self.weights in ("auto", "quantized", "dense"),
+            "cpu_kernels": self.cpu_kernels in ("native", "torch"),
             "block_size": self.block_size >= 1,
             "kv_memory_bytes": self.kv_memory_bytes > 0,
             "max_num_seqs": self.max_num_seqs >= 1,
