@@ -63,7 +63,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", choices=("auto", "quantized", "dense"), default="auto",
                    help="triton backend linear layers: GGUF Q8_0/Q4_0/Q4_1 blocks dequantized in the kernel, "
                         "or float weights (auto: quantized on CUDA for such a GGUF)")
-    g.add_argument("--cpu-kernels", choices=("native", "torch"), default="torch",
+    g.add_argument("--cpu-kernels", choices=("native", "torch"), default="native",
                    help="torch backend matmuls on the CPU: lockstep's C++ kernel on the GGUF's blocks "
                         "(batch-invariant), or torch's float GEMM")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")

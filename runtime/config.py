@@ -91,7 +91,7 @@ class EngineConfig:
     weights: str = "auto"
     # Matmuls of the torch backend on the CPU: "native" is lockstep's C++ kernel reading GGUF
     # blocks as stored (batch-invariant, fixed reduction order); "torch" is torch's float GEMM.
-    cpu_kernels: str = "torch"
+    cpu_kernels: str = "native"
 
     def __post_init__(self) -> None:
         checks = {
