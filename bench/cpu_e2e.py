@@ -7,14 +7,18 @@ Measures, at batch 1 and a fixed thread count (default 2):
 HF transformers loads the same GGUF (dequantized to float32, as lockstep's torch backend does)
 and decodes greedily with `generate`; a streamer timestamps each of its tokens.
 
+lockstep runs twice: with its native CPU kernels (the default, reading the GGUF's blocks) and
+with torch's float32 GEMM (--cpu-kernels torch). llama.cpp (llama-cpp-python, the `bench`
+extra) decodes the same GGUF with the same threads when it is installed.
+
 Roofline: memory bandwidth is measured in the same run (a 512 MiB float32 copy with the same
 threads, bytes read + bytes written). A decode step must read every weight it uses once, plus
-the KV cache: for the torch backend the float32 weights (the vocabulary head included, the
-embedding lookup's one row not) and float32 K/V at the run's mean context. Decode is reported
-as a % of that limit, and against the limit of the GGUF's own quantized bytes (what a 4-bit
-reader would move).
+the KV cache at the run's mean context (float32 K/V). What a runtime reads per token depends on
+its weights: the GGUF's own bytes for lockstep's native kernels and llama.cpp; the float32
+weights for torch's GEMM and HF transformers (the vocabulary head included, the embedding
+lookup's one row not). Each row's decode is reported as a % of its own limit.
 
-    .venv/bin/python bench/cpu_e2e.py                 # both, 2 threads, 3 repeats
+    .venv/bin/python bench/cpu_e2e.py                 # all peers, 2 threads, 3 repeats
     .venv/bin/python bench/cpu_e2e.py --skip-hf       # lockstep only
 """
 from __future__ import annotations
@@ -79,13 +83,14 @@ def timing_summary(prompt_start: float, token_times: list[float]) -> dict:
     return {"ttft_ms": 1000 * ttft, "decode_tok_s": decode, "new_tokens": len(token_times)}
 
 
-def run_lockstep(prompt_ids: list[int], new_tokens: int, repeats: int, threads: int) -> list[dict]:
+def run_lockstep(prompt_ids: list[int], new_tokens: int, repeats: int, threads: int,
+                 cpu_kernels: str = "native") -> list[dict]:
     from lockstep.runtime.config import EngineConfig
     from lockstep.runtime.engine import Engine
     from lockstep.runtime.loader import load_model
     from lockstep.runtime.sampling_params import SamplingParams
 
-    engine = Engine(load_model(None, quiet=True), EngineConfig(threads=threads))
+    engine = Engine(load_model(None, quiet=True), EngineConfig(threads=threads, cpu_kernels=cpu_kernels))
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     engine.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
     runs = []
@@ -134,6 +139,31 @@ def run_hf(model_path: Path, prompt_ids: list[int], new_tokens: int, repeats: in
     return load_s, runs
 
 
+def run_llama_cpp(model_path: Path, prompt_ids: list[int], new_tokens: int, repeats: int,
+                  threads: int) -> list[dict] | None:
+    """llama.cpp on the same GGUF through llama-cpp-python, greedy, same threads; None if absent."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama.cpp peer skipped: llama-cpp-python is not installed "
+              "(pip install llama-cpp-python; it compiles llama.cpp for several minutes)", file=sys.stderr)
+        return None
+    llm = Llama(model_path=str(model_path), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+                verbose=False)
+
+    def one_run(count: int) -> dict:
+        llm.reset()
+        start, times = time.perf_counter(), []
+        for _ in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):  # EOS is not checked: fixed length
+            times.append(time.perf_counter())
+            if len(times) == count:
+                break
+        return timing_summary(start, times)
+
+    one_run(8)  # warm-up
+    return [one_run(new_tokens) for _ in range(repeats)]
+
+
 def measure_bandwidth(threads: int, repeats: int = 5) -> float:
     """GB/s of a large float32 copy, counting bytes read plus bytes written."""
     torch.set_num_threads(threads)
@@ -148,18 +178,17 @@ def measure_bandwidth(threads: int, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
-def roofline(model, prompt_tokens: int, new_tokens: int, bandwidth_gbps: float, decode_tok_s: float) -> dict:
+def bytes_per_token(model, prompt_tokens: int, new_tokens: int) -> dict[str, int]:
+    """Weight + KV bytes a decode step reads: {"gguf": quantized blocks, "fp32": float32 weights}."""
     import gguf
 
     weights = model.weights
-    read = weights.nbytes() - weights.embed.numel() * 4 * (weights.embed is not weights.lm_head)
+    tied = weights.embed is weights.lm_head
     kv = model.config.kv_bytes_per_token(4) * (prompt_tokens + new_tokens // 2)
-    gguf_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(model.source).tensors
-                     if t.name != "token_embd.weight" or weights.embed is weights.lm_head)
-    limit = bandwidth_gbps * 1e9 / (read + kv)
-    return {"bandwidth_GBps": bandwidth_gbps, "bytes_per_token": read + kv, "roofline_tok_s": limit,
-            "pct_of_roofline": 100 * decode_tok_s / limit, "gguf_bytes_per_token": gguf_bytes + kv,
-            "pct_of_gguf_roofline": 100 * decode_tok_s * (gguf_bytes + kv) / (bandwidth_gbps * 1e9)}
+    fp32 = weights.nbytes() - weights.embed.numel() * 4 * (not tied)
+    blocks = sum(int(t.n_bytes) for t in gguf.GGUFReader(model.source).tensors
+                 if t.name != "token_embd.weight" or tied)
+    return {"gguf": blocks + kv, "fp32": fp32 + kv}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -196,29 +225,49 @@ def main() -> int:
                                      text=True, cwd=Path(__file__).parent).stdout.strip(),
         "prompt_tokens": len(prompt_ids), "new_tokens": args.new_tokens,
         "lockstep": {**startup, **ours},
-        "roofline": roofline(model, len(prompt_ids), args.new_tokens, measure_bandwidth(args.threads),
-                             ours["decode_tok_s"]),
+        "bandwidth_GBps": measure_bandwidth(args.threads),
+        "bytes_per_token": bytes_per_token(model, len(prompt_ids), args.new_tokens),
     }
     del model
-    rows = [("lockstep (torch backend)", f"{startup['process_start_to_ready_s']:.2f}", ours)]
+    rows = [("lockstep (native CPU kernels)", f"{startup['process_start_to_ready_s']:.2f}", ours, "gguf")]
+    torch_gemm = median_run(run_lockstep(prompt_ids, args.new_tokens, args.repeats, args.threads, "torch"))
+    result["lockstep_torch_gemm"] = torch_gemm
+    rows.append(("lockstep (--cpu-kernels torch)", "", torch_gemm, "fp32"))
+    llama_runs = run_llama_cpp(model_path, prompt_ids, args.new_tokens, args.repeats, args.threads)
+    if llama_runs is not None:
+        import llama_cpp
+
+        llama = median_run(llama_runs)
+        result["llama_cpp"] = {"version": llama_cpp.__version__, **llama}
+        result["ratios_llama_cpp"] = {"decode_vs_llama_cpp": ours["decode_tok_s"] / llama["decode_tok_s"],
+                                      "ttft_vs_llama_cpp": ours["ttft_ms"] / llama["ttft_ms"]}
+        rows.append((f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "", llama, "gguf"))
     if not args.skip_hf:
         import transformers
 
+        torch.set_num_threads(args.threads)  # lockstep's native engine left torch at one thread
         hf_load, hf_runs = run_hf(model_path, prompt_ids, args.new_tokens, args.repeats)
         hf = median_run(hf_runs)
         result["hf_transformers"] = {"version": transformers.__version__, "load_s": hf_load, **hf}
         result["ratios"] = {"decode_vs_hf": ours["decode_tok_s"] / hf["decode_tok_s"],
                             "ttft_vs_hf": ours["ttft_ms"] / hf["ttft_ms"]}
-        rows.append((f"HF transformers {transformers.__version__}", f"{hf_load:.2f} (load only)", hf))
+        rows.append((f"HF transformers {transformers.__version__}", f"{hf_load:.2f} (load only)", hf, "fp32"))
 
-    print("| runtime | start-up s | TTFT ms | decode tok/s |\n|---|---|---|---|")
-    for name, start, r in rows:
-        print(f"| {name} | {start} | {r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} |")
-    roof = result["roofline"]
-    print(f"\nmemory bandwidth {roof['bandwidth_GBps']:.1f} GB/s (copy, read + write, {args.threads} threads): "
-          f"lockstep decode at {roof['pct_of_roofline']:.0f}% of the roofline for the "
-          f"{roof['bytes_per_token'] / 1e6:.0f} MB it reads per token ({roof['roofline_tok_s']:.0f} tok/s), "
-          f"{roof['pct_of_gguf_roofline']:.0f}% of the GGUF's {roof['gguf_bytes_per_token'] / 1e6:.0f} MB")
+    # Prefill rate: prompt tokens over TTFT (which also holds the first token's sampling).
+    bandwidth, read = result["bandwidth_GBps"], result["bytes_per_token"]
+    print(f"memory bandwidth {bandwidth:.1f} GB/s (copy, read + write, {args.threads} threads); a decode step reads "
+          f"{read['gguf'] / 1e6:.0f} MB as GGUF blocks, {read['fp32'] / 1e6:.0f} MB as float32 weights\n")
+    print("| runtime | start-up s | TTFT ms | prefill tok/s | decode tok/s | weights read | % of bandwidth limit |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, start, r, kind in rows:
+        pct = 100 * r["decode_tok_s"] * read[kind] / (bandwidth * 1e9)
+        result.setdefault("pct_of_bandwidth_limit", {})[name] = pct
+        print(f"| {name} | {start} | {r['ttft_ms']:.0f} | {len(prompt_ids) / (r['ttft_ms'] / 1000):.0f} | "
+              f"{r['decode_tok_s']:.1f} | {kind} | {pct:.0f}% |")
+    if "ratios_llama_cpp" in result:
+        r = result["ratios_llama_cpp"]
+        print(f"lockstep vs llama.cpp: decode {r['decode_vs_llama_cpp']:.2f}x, TTFT {r['ttft_vs_llama_cpp']:.2f}x "
+              "(lower is better)")
     if "ratios" in result:
         print(f"\nlockstep vs HF: decode {result['ratios']['decode_vs_hf']:.2f}x, "
               f"TTFT {result['ratios']['ttft_vs_hf']:.2f}x (lower is better)")
