@@ -93,7 +93,7 @@ class Engine:
         self._family: dict[int, int] = {}  # seq id -> id of the family's first sequence
         self._pending: list[SeqOutput] = []  # terminal outputs made between steps (cancels)
         log.info("engine: %s backend on %s", self.backend, self.device)
-        log.info("engine: %d KV blocks of %d tokens (%d tokens), max_model_len %d, %d threads",
+        log.info("engine: %d KV blocks of %d tokens (%d tokens), max_model_len %d, %d torch threads",
                  self.kv.num_blocks, self.kv.block_size, self.kv.capacity_tokens, self.max_model_len,
                  torch.get_num_threads())
 
@@ -461,8 +461,8 @@ def cpu_linears(model: LoadedModel, weights, config: EngineConfig, device: torch
         blocks = load_quantized_gguf(model.source, model.config)
     matrices = with_float_rows(blocks, weights)
     found, total = (blocks.count() if blocks is not None else (0, matrices.count()[1]))
-    log.info("cpu kernels: native, %d of %d linear layers read as GGUF blocks, %d threads", found, total,
-             _core.get_num_threads())
+    log.info("cpu kernels: native (%s), %d of %d linear layers read as GGUF blocks, %d threads",
+             _core.cpu_features()["auto_isa"], found, total, _core.get_num_threads())
     return Linears(weights, matrices, native_cpu_matmul)
 
 
