@@ -9,9 +9,12 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "block_allocator.h"
+#include "cpu/cpu_ops.h"
 #include "cpu/quant_matmul.h"
 #include "cpu/thread_pool.h"
 
@@ -87,10 +90,215 @@ void quant_matmul(const py::object& x_obj, const py::object& w_obj, const std::s
   cpu::quant_matmul(xp, M, K, wp, N, row_bytes, q, op, i);
 }
 
+// ---- CPU step ops (cpp/cpu/cpu_ops.h): the same checks, for arrays of any rank. ----
+
+// The numpy array behind `obj`: `ndim`-D, of `dtype`, C-contiguous, or, with `strided_rows`,
+// contiguous within each row of dimension 0 and any non-negative whole-element row stride.
+py::array array_arg(const char* name, const py::object& obj, const py::dtype& dtype,
+                    const char* dtype_name, py::ssize_t ndim, bool strided_rows = false) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::value_error(std::string(name) + ": expected a numpy.ndarray of " + dtype_name +
+                          ", got " + std::string(py::str(py::type::of(obj).attr("__name__"))) +
+                          " (pass a CPU torch tensor as tensor.numpy())");
+  }
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().equal(dtype)) {
+    throw py::value_error(std::string(name) + ": expected dtype " + dtype_name + ", got " +
+                          std::string(py::str(a.dtype())));
+  }
+  if (a.ndim() != ndim) {
+    throw py::value_error(std::string(name) + ": expected a " + std::to_string(ndim) +
+                          "-D array, got shape " + shape_of(a));
+  }
+  bool ok = true;
+  if (strided_rows) {
+    py::ssize_t inner = a.itemsize();
+    for (py::ssize_t i = ndim - 1; i >= 1; --i) {
+      ok = ok && (a.shape(i) == 1 || a.strides(i) == inner);
+      inner *= a.shape(i);
+    }
+    ok = ok && a.strides(0) >= 0 && a.strides(0) % a.itemsize() == 0 &&
+         (a.shape(0) <= 1 || a.strides(0) >= inner);
+  } else {
+    ok = (a.flags() & py::array::c_style) != 0;
+  }
+  if (!ok) {
+    throw py::value_error(std::string(name) +
+                          (strided_rows ? ": each row must be C-contiguous" : ": must be C-contiguous") +
+                          " (use numpy.ascontiguousarray or tensor.contiguous())");
+  }
+  return a;
+}
+
+void expect_shape(const char* name, const py::array& a, std::initializer_list<py::ssize_t> shape,
+                  const char* meaning) {
+  py::ssize_t i = 0;
+  bool same = true;
+  std::string want = "(";
+  for (py::ssize_t n : shape) {
+    same = same && a.shape(i) == n;
+    want += (i++ ? ", " : "") + std::to_string(n);
+  }
+  want += shape.size() == 1 ? ",)" : ")";
+  if (!same) {
+    throw py::value_error(std::string(name) + ": expected shape " + want + " = " + meaning +
+                          ", got " + shape_of(a));
+  }
+}
+
+// The bytes [first, last) an array with non-negative strides can touch.
+std::pair<const char*, const char*> extent(const py::array& a) {
+  const auto* first = static_cast<const char*>(a.data());
+  if (a.size() == 0) return {first, first};
+  py::ssize_t span = a.itemsize();
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) span += (a.shape(i) - 1) * a.strides(i);
+  return {first, first + span};
+}
+
+void expect_apart(const char* name, const py::array& a, const char* other_name,
+                  const py::array& b) {
+  const auto [a0, a1] = extent(a);
+  const auto [b0, b1] = extent(b);
+  if (a0 < b1 && b0 < a1) {
+    throw py::value_error(std::string(name) + ": overlaps " + other_name + " in memory");
+  }
+}
+
+void expect_writeable(const char* name, const py::array& a) {
+  if (!a.writeable()) throw py::value_error(std::string(name) + ": is read-only");
+}
+
+lockstep::cpu::Heads heads_of(py::array& a) {
+  return {static_cast<float*>(a.mutable_data()), a.shape(0), a.shape(1), a.shape(2),
+          a.strides(0) / a.itemsize()};
+}
+
+void rms_norm(const py::object& x_obj, const py::object& weight_obj, float eps,
+              const py::object& out_obj) {
+  const py::array x = array_arg("x", x_obj, py::dtype::of<float>(), "float32", 2);
+  const py::array weight = array_arg("weight", weight_obj, py::dtype::of<float>(), "float32", 1);
+  py::array out = array_arg("out", out_obj, py::dtype::of<float>(), "float32", 2);
+  expect_shape("weight", weight, {x.shape(1)}, "(columns of x,)");
+  expect_shape("out", out, {x.shape(0), x.shape(1)}, "x's shape");
+  expect_writeable("out", out);
+  expect_apart("out", out, "weight", weight);
+  if (out.data() != x.data()) expect_apart("out", out, "x", x);
+  const auto* xp = static_cast<const float*>(x.data());
+  const auto* wp = static_cast<const float*>(weight.data());
+  auto* op = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  lockstep::cpu::rms_norm(xp, x.shape(0), x.shape(1), wp, eps, op);
+}
+
+void add_rms_norm(const py::object& x_obj, const py::object& residual_obj,
+                  const py::object& weight_obj, float eps, const py::object& out_obj) {
+  const py::array x = array_arg("x", x_obj, py::dtype::of<float>(), "float32", 2);
+  py::array residual = array_arg("residual", residual_obj, py::dtype::of<float>(), "float32", 2);
+  const py::array weight = array_arg("weight", weight_obj, py::dtype::of<float>(), "float32", 1);
+  py::array out = array_arg("out", out_obj, py::dtype::of<float>(), "float32", 2);
+  expect_shape("residual", residual, {x.shape(0), x.shape(1)}, "x's shape");
+  expect_shape("weight", weight, {x.shape(1)}, "(columns of x,)");
+  expect_shape("out", out, {x.shape(0), x.shape(1)}, "x's shape");
+  expect_writeable("residual", residual);
+  expect_writeable("out", out);
+  expect_apart("residual", residual, "x", x);
+  expect_apart("residual", residual, "weight", weight);
+  expect_apart("out", out, "x", x);
+  expect_apart("out", out, "residual", residual);
+  expect_apart("out", out, "weight", weight);
+  const auto* xp = static_cast<const float*>(x.data());
+  auto* rp = static_cast<float*>(residual.mutable_data());
+  const auto* wp = static_cast<const float*>(weight.data());
+  auto* op = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  lockstep::cpu::add_rms_norm(xp, rp, x.shape(0), x.shape(1), wp, eps, op);
+}
+
+void rope_and_cache(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj,
+                    const py::object& cos_obj, const py::object& sin_obj,
+                    const py::object& positions_obj, const py::object& slots_obj,
+                    const py::object& k_cache_obj, const py::object& v_cache_obj) {
+  const auto f32 = py::dtype::of<float>();
+  const auto i64 = py::dtype::of<std::int64_t>();
+  py::array q = array_arg("q", q_obj, f32, "float32", 3, true);
+  py::array k = array_arg("k", k_obj, f32, "float32", 3, true);
+  py::array v = array_arg("v", v_obj, f32, "float32", 3, true);
+  const py::array cos = array_arg("cos", cos_obj, f32, "float32", 2);
+  const py::array sin = array_arg("sin", sin_obj, f32, "float32", 2);
+  const py::array positions = array_arg("positions", positions_obj, i64, "int64", 1);
+  const py::array slots = array_arg("slots", slots_obj, i64, "int64", 1);
+  py::array k_cache = array_arg("k_cache", k_cache_obj, f32, "float32", 3);
+  py::array v_cache = array_arg("v_cache", v_cache_obj, f32, "float32", 3);
+  const py::ssize_t T = q.shape(0), D = q.shape(2), kv_heads = k.shape(1);
+  if (D % 2 != 0) throw py::value_error("q: head_dim must be even, got " + std::to_string(D));
+  expect_shape("k", k, {T, kv_heads, D}, "(rows of q, kv heads, head_dim of q)");
+  expect_shape("v", v, {T, kv_heads, D}, "k's shape");
+  expect_shape("cos", cos, {cos.shape(0), D / 2}, "(positions, head_dim / 2)");
+  expect_shape("sin", sin, {cos.shape(0), D / 2}, "cos's shape");
+  expect_shape("positions", positions, {T}, "(rows of q,)");
+  expect_shape("slots", slots, {T}, "(rows of q,)");
+  expect_shape("k_cache", k_cache, {k_cache.shape(0), kv_heads, D}, "(slots, kv heads, head_dim)");
+  expect_shape("v_cache", v_cache, {k_cache.shape(0), kv_heads, D}, "k_cache's shape");
+  for (auto [name, a] : {std::pair<const char*, py::array*>{"q", &q}, {"k", &k}, {"v", &v},
+                         {"k_cache", &k_cache}, {"v_cache", &v_cache}}) {
+    expect_writeable(name, *a);
+  }
+  expect_apart("k_cache", k_cache, "v_cache", v_cache);
+  for (auto [name, a] : {std::pair<const char*, const py::array*>{"q", &q}, {"k", &k}, {"v", &v},
+                         {"cos", &cos}, {"sin", &sin}}) {
+    expect_apart("k_cache", k_cache, name, *a);
+    expect_apart("v_cache", v_cache, name, *a);
+  }
+  const lockstep::cpu::Heads qh = heads_of(q), kh = heads_of(k), vh = heads_of(v);
+  const auto* cp = static_cast<const float*>(cos.data());
+  const auto* sp = static_cast<const float*>(sin.data());
+  const auto* pp = static_cast<const std::int64_t*>(positions.data());
+  const auto* slp = static_cast<const std::int64_t*>(slots.data());
+  auto* kcp = static_cast<float*>(k_cache.mutable_data());
+  auto* vcp = static_cast<float*>(v_cache.mutable_data());
+  const py::ssize_t P = cos.shape(0), num_slots = k_cache.shape(0);
+  py::gil_scoped_release release;
+  lockstep::cpu::rope_and_cache(qh, kh, vh, cp, sp, P, pp, slp, kcp, vcp, num_slots);
+}
+
+void paged_attention(const py::object& q_obj, const py::object& k_cache_obj,
+                     const py::object& v_cache_obj, const py::object& spans_obj,
+                     const py::object& context_slots_obj, float scale,
+                     const py::object& out_obj) {
+  const auto f32 = py::dtype::of<float>();
+  const auto i64 = py::dtype::of<std::int64_t>();
+  py::array q = array_arg("q", q_obj, f32, "float32", 3, true);
+  const py::array k_cache = array_arg("k_cache", k_cache_obj, f32, "float32", 3);
+  const py::array v_cache = array_arg("v_cache", v_cache_obj, f32, "float32", 3);
+  const py::array spans = array_arg("spans", spans_obj, i64, "int64", 2);
+  const py::array context_slots = array_arg("context_slots", context_slots_obj, i64, "int64", 1);
+  py::array out = array_arg("out", out_obj, f32, "float32", 2);
+  const py::ssize_t T = q.shape(0), Hq = q.shape(1), D = q.shape(2);
+  expect_shape("k_cache", k_cache, {k_cache.shape(0), k_cache.shape(1), D},
+               "(slots, kv heads, head_dim of q)");
+  expect_shape("v_cache", v_cache, {k_cache.shape(0), k_cache.shape(1), D}, "k_cache's shape");
+  expect_shape("spans", spans, {spans.shape(0), 3}, "(sequences, 3: query_start, query_len, context_len)");
+  expect_shape("out", out, {T, Hq * D}, "(rows of q, heads * head_dim of q)");
+  expect_writeable("out", out);
+  expect_apart("out", out, "q", q);
+  expect_apart("out", out, "k_cache", k_cache);
+  expect_apart("out", out, "v_cache", v_cache);
+  const lockstep::cpu::Heads qh = heads_of(q);
+  const auto* kp = static_cast<const float*>(k_cache.data());
+  const auto* vp = static_cast<const float*>(v_cache.data());
+  const auto* sp = static_cast<const std::int64_t*>(spans.data());
+  const auto* cp = static_cast<const std::int64_t*>(context_slots.data());
+  auto* op = static_cast<float*>(out.mutable_data());
+  const py::ssize_t num_slots = k_cache.shape(0), kv_heads = k_cache.shape(1);
+  const py::ssize_t S = spans.shape(0), C = context_slots.shape(0);
+  py::gil_scoped_release release;
+  lockstep::cpu::paged_attention(qh, kp, vp, num_slots, kv_heads, sp, S, cp, C, scale, op);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
-  m.doc() = "lockstep's native core: the KV block allocator and the CPU matmul kernels.";
+  m.doc() = "lockstep's native core: the KV block allocator and the CPU kernels of a forward step.";
 
   py::register_exception<lockstep::ArenaExhausted>(m, "ArenaExhaustedError",
                                                    PyExc_RuntimeError);
@@ -145,9 +353,9 @@ its bits do not depend on M, the thread count or isa. Runs without the GIL. Malf
 arguments raise ValueError naming the argument.
 )doc");
   m.def("set_num_threads", [](int n) { lockstep::cpu::ThreadPool::instance().set_num_threads(n); },
-        py::arg("n"), "Threads quant_matmul uses, the caller included (1 <= n <= 1024).");
+        py::arg("n"), "Threads quant_matmul and paged_attention use, the caller included (1 <= n <= 1024).");
   m.def("get_num_threads", [] { return lockstep::cpu::ThreadPool::instance().num_threads(); },
-        "Threads quant_matmul uses; starts as the CPUs this process may run on.");
+        "Threads quant_matmul and paged_attention use; starts as the CPUs this process may run on.");
   m.def("cpu_features", [] {
     const lockstep::cpu::CpuFeatures f = lockstep::cpu::cpu_features();
     py::dict d;
@@ -157,4 +365,39 @@ arguments raise ValueError naming the argument.
     d["auto_isa"] = lockstep::cpu::isa_name(lockstep::cpu::auto_isa());
     return d;
   }, "{'avx2', 'fma', 'f16c': bool, 'auto_isa': the isa that isa='auto' runs}.");
+
+  // ---- CPU step ops ----
+  m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
+        R"doc(
+out[t] = weight * (x[t] / sqrt(mean(x[t]^2) + eps)), each row reduced in one fixed order.
+
+x, out: float32 [T, H] (out may be x); weight: float32 [H]. C-contiguous numpy arrays.
+Runs without the GIL; malformed arguments raise ValueError naming the argument.
+)doc");
+  m.def("add_rms_norm", &add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"),
+        py::arg("eps"), py::arg("out"), R"doc(
+residual += x, then out = rms_norm(residual, weight, eps): a residual add and the next norm.
+
+x, residual, out: float32 [T, H], pairwise apart in memory; weight: float32 [H].
+)doc");
+  m.def("rope_and_cache", &rope_and_cache, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("slots"),
+        py::arg("k_cache"), py::arg("v_cache"), R"doc(
+Rotate-half RoPE of q [T, Hq, D] and k [T, Hkv, D] in place at angles cos/sin[positions[t]]
+(tables float32 [P, D/2]), then k_cache[slots[t]] = k[t], v_cache[slots[t]] = v[t]
+(caches float32 [num_slots, Hkv, D], C-contiguous). q, k, v may have any row stride (column
+slices of one qkv matmul output); positions, slots: int64 [T], all checked before any write.
+)doc");
+  m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("spans"), py::arg("context_slots"), py::arg("scale"),
+        py::arg("out"), R"doc(
+Causal GQA attention of each sequence's new queries over its context in the paged KV cache.
+
+q: float32 [T, Hq, D], any row stride; k_cache, v_cache: float32 [num_slots, Hkv, D];
+spans: int64 [S, 3] rows of (query_start, query_len, context_len), query rows in increasing,
+non-overlapping order; context_slots: int64 [sum of context_len], each sequence's cache slots
+in order; out: float32 [T, Hq * D]. The last query of a span sits at the last context slot.
+Each (sequence, head) is computed whole by one thread in a fixed order (cpp/cpu/cpu_ops.cpp),
+so results do not depend on the other sequences or the thread count.
+)doc");
 }

@@ -80,8 +80,9 @@ class Engine:
             self.runner = TritonModel(model.config, weights, self.kv, attention=self.config.attention,
                                       quantized=quantized)
         else:
-            self.runner = TorchModel(model.config, weights, self.kv, cpu_linears(model, weights, self.config,
-                                                                                 self.device))
+            linears = cpu_linears(model, weights, self.config, self.device)
+            # With the native matmuls come the native norm, RoPE and attention (cpp/cpu/cpu_ops.h).
+            self.runner = TorchModel(model.config, weights, self.kv, linears, native_ops=linears is not None)
         self.scheduler = Scheduler(self.config, self.kv)
         limits = [model.config.max_position, self.kv.capacity_tokens]
         if self.config.max_model_len:

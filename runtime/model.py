@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +37,16 @@ class StepInputs:
     logit_rows: torch.Tensor  # [R] long: rows of T whose next-token logits are wanted
 
 
+@dataclass
+class _LayerViews:
+    """One layer's arrays as forward_native passes them to lockstep._core."""
+
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    k_cache: np.ndarray
+    v_cache: np.ndarray
+
+
 def rope_inv_freq(config: ModelConfig, freq_divisors: torch.Tensor | None) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d), with Llama 3.1 scaling where the model asks for it."""
     d = config.head_dim
@@ -57,8 +68,10 @@ def rope_inv_freq(config: ModelConfig, freq_divisors: torch.Tensor | None) -> to
 
 
 class TorchModel:
-    def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache, linear: Linears | None = None) -> None:
-        """`linear` runs the matmuls (default: torch's, on the float weights)."""
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache, linear: Linears | None = None,
+                 native_ops: bool = False) -> None:
+        """`linear` runs the matmuls (default: torch's, on the float weights). `native_ops` runs
+        RMSNorm, RoPE and attention on lockstep._core's CPU kernels too (fp32 CPU tensors only)."""
         self.config = config
         self.w = weights
         self.kv = kv
@@ -68,6 +81,8 @@ class TorchModel:
         self.cos = freqs.cos().to(kv.k.device)
         self.sin = freqs.sin().to(kv.k.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.native_ops = native_ops
+        self._views: list[_LayerViews] | None = None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)
@@ -82,6 +97,8 @@ class TorchModel:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Runs one step; writes the step's K/V into the cache; returns logits [R, vocab]."""
+        if self.native_ops:
+            return self.forward_native(inputs)
         cfg = self.config
         x = self.w.embed[inputs.token_ids]
         cos = self.cos[inputs.positions].unsqueeze(1)
@@ -102,6 +119,54 @@ class TorchModel:
             x = x + self.linear(F.silu(gate) * up, layer_idx, "w_down")
         x = self.rms_norm(x[inputs.logit_rows], self.w.final_norm)
         return self.linear(x, None, "lm_head")
+
+    def forward_native(self, inputs: StepInputs) -> torch.Tensor:
+        """forward() with RMSNorm, RoPE + cache write and attention on lockstep._core's CPU ops.
+
+        The same math in fp32, each op reduced per row (per sequence for attention) in a fixed
+        order, so a sequence's logits do not depend on the batch or the thread count
+        (cpp/cpu/cpu_ops.cpp). The residual add is fused into the norm that follows it.
+        """
+        from lockstep import _core
+
+        cfg, eps, views = self.config, self.config.rms_norm_eps, self._native_views()
+        x_t = self.w.embed[inputs.token_ids]  # a fresh copy: the residual stream, updated in place
+        x, h = x_t.numpy(), torch.empty_like(x_t).numpy()
+        h_t = torch.from_numpy(h)
+        attn_t = torch.empty(x.shape[0], cfg.q_size, dtype=torch.float32)
+        attn = attn_t.numpy()
+        positions, slots = inputs.positions.numpy(), inputs.slot_mapping.numpy()
+        spans = np.array([(s.start, s.length, s.context_slots.numel()) for s in inputs.spans],
+                         dtype=np.int64).reshape(-1, 3)
+        context = torch.cat([s.context_slots for s in inputs.spans]).numpy()
+        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        _core.rms_norm(x, views[0].attn_norm, eps, h)
+        for layer_idx, layer in enumerate(views):
+            qkv = self.linear(h_t, layer_idx, "wqkv").numpy()
+            q = qkv[:, :cfg.q_size].reshape(-1, heads, d)
+            k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(-1, kv_heads, d)
+            v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(-1, kv_heads, d)
+            _core.rope_and_cache(q, k, v, self._cos, self._sin, positions, slots, layer.k_cache, layer.v_cache)
+            _core.paged_attention(q, layer.k_cache, layer.v_cache, spans, context, self.scale, attn)
+            _core.add_rms_norm(self.linear(attn_t, layer_idx, "wo").numpy(), x, layer.ffn_norm, eps, h)
+            gate, up = self.linear(h_t, layer_idx, "w_gate_up").chunk(2, dim=-1)
+            down = self.linear(F.silu(gate) * up, layer_idx, "w_down").numpy()
+            if layer_idx + 1 < len(views):
+                _core.add_rms_norm(down, x, views[layer_idx + 1].attn_norm, eps, h)
+            else:
+                x += down
+        last = x_t[inputs.logit_rows]
+        _core.rms_norm(last.numpy(), self._final_norm, eps, last.numpy())
+        return self.linear(last, None, "lm_head")
+
+    def _native_views(self) -> list[_LayerViews]:
+        """numpy views of what forward_native reads every step; the KV arena and the weights are
+        allocated once, so the views stay valid."""
+        if self._views is None:
+            self._cos, self._sin, self._final_norm = self.cos.numpy(), self.sin.numpy(), self.w.final_norm.numpy()
+            self._views = [_LayerViews(layer.attn_norm.numpy(), layer.ffn_norm.numpy(), self.kv.k[i].numpy(),
+                                       self.kv.v[i].numpy()) for i, layer in enumerate(self.w.layers)]
+        return self._views
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   spans: list[SeqSpan]) -> torch.Tensor:

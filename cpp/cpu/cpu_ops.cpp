@@ -1,0 +1,267 @@
+// RMSNorm, RoPE + cache write and paged attention on the CPU: the orders of operations that
+// make their results batch- and thread-invariant, then the ops.
+//
+// The reduction orders
+// --------------------
+// Every reduction over a vector of n floats (a sum of squares, a dot product) is `dot8`: the
+// elements are dealt to 8 lanes, lane = i mod 8, each lane starts at +0.0f and adds a[i] * b[i]
+// (product rounded, then sum rounded: no fma) in increasing i; the lanes are then summed in a
+// fixed tree ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). The compiler may put the lanes
+// in SIMD registers, but it may not reorder them: no -ffast-math, and -ffp-contract=off
+// (CMakeLists.txt).
+//
+// Attention, per (sequence, query, head), with n visible keys:
+//   1. s_j = dot8(q, k_j) * scale, j = 0..n-1;
+//   2. m = max_j s_j;  p_j = expf(s_j - m);  l = p_0 + p_1 + ... + p_{n-1}, left to right;
+//   3. acc = 0; acc[d] += p_j * v_j[d] for j = 0..n-1 in order;  out[d] = acc[d] / l.
+// It reads only that sequence's query and context, so a sequence's output does not depend on
+// the others in the step. Threads split the work by whole (sequence, head) pairs, so the thread
+// count decides only who computes an output, never how.
+#include "cpu_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "thread_pool.h"
+
+namespace lockstep::cpu {
+
+namespace {
+
+constexpr int kLanes = 8;
+
+// Four fp32 lanes as one GCC/Clang vector (an SSE register on x86-64, NEON on Arm): lane-wise
+// + and * are exactly the scalar ops, one lane each, so this only spells out the order above.
+typedef float Lanes4 __attribute__((vector_size(4 * sizeof(float))));
+
+Lanes4 load4(const float* p) {
+  Lanes4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// out[r] = dot8(a, b[r], n) for R vectors b[r] at once: R independent chains keep the adder
+// busy where one short dot product would wait on its own latency. Each out[r] is exactly dot8:
+// lanes 0-3 live in lo[r], lanes 4-7 in hi[r].
+template <int R>
+void dot8_rows(const float* a, const float* const* b, std::int64_t n, float* out) {
+  Lanes4 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) lo[r] = hi[r] = Lanes4{};
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const Lanes4 x0 = load4(a + i), x1 = load4(a + i + 4);
+    for (int r = 0; r < R; ++r) {
+      lo[r] += x0 * load4(b[r] + i);
+      hi[r] += x1 * load4(b[r] + i + 4);
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    for (int r = 0; r < R; ++r) {
+      if (j < 4) lo[r][j] += a[i] * b[r][i];
+      else hi[r][j - 4] += a[i] * b[r][i];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const Lanes4 l = lo[r], h = hi[r];
+    out[r] = ((l[0] + h[0]) + (l[2] + h[2])) + ((l[1] + h[1]) + (l[3] + h[3]));
+  }
+}
+
+float dot8(const float* a, const float* b, std::int64_t n) {
+  float out;
+  dot8_rows<1>(a, &b, n, &out);
+  return out;
+}
+
+// o[d] = (p[0] v_0[d] + p[1] v_1[d] + ... + p[n-1] v_{n-1}[d]) / l, adding from +0.0f in
+// increasing j, where v_j = v + slots[j] * row. Sixteen d at a time stay in registers through
+// the whole sum; the order per d is the same.
+void weighted_values(const float* p, std::int64_t n, const float* v, const std::int64_t* slots,
+                     std::int64_t row, std::int64_t D, float l, float* o) {
+  std::int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    Lanes4 a0{}, a1{}, a2{}, a3{};
+    for (std::int64_t j = 0; j < n; ++j) {
+      const float* vj = v + slots[j] * row + d;
+      const Lanes4 pj = Lanes4{} + p[j];
+      a0 += pj * load4(vj);
+      a1 += pj * load4(vj + 4);
+      a2 += pj * load4(vj + 8);
+      a3 += pj * load4(vj + 12);
+    }
+    const Lanes4 r[4] = {a0 / l, a1 / l, a2 / l, a3 / l};
+    std::memcpy(o + d, r, sizeof r);
+  }
+  for (; d < D; ++d) {
+    float a = 0.0f;
+    for (std::int64_t j = 0; j < n; ++j) a += p[j] * v[slots[j] * row + d];
+    o[d] = a / l;
+  }
+}
+
+void normalize_row(const float* x, std::int64_t H, const float* weight, float eps, float* out) {
+  const float variance = dot8(x, x, H) / static_cast<float>(H);
+  const float r = 1.0f / std::sqrt(variance + eps);
+  for (std::int64_t h = 0; h < H; ++h) out[h] = weight[h] * (x[h] * r);
+}
+
+void check_dims(std::int64_t T, std::int64_t H) {
+  if (T < 0 || H < 1) throw std::invalid_argument("x: needs at least one column");
+}
+
+// Attention jobs with fewer multiply-adds than this (about 100 us on one core) leave sleeping
+// pool workers asleep: a woken worker would arrive after the job is done. Workers still spinning
+// from the step's last matmul join regardless.
+constexpr double kWakeWork = 1 << 18;
+
+void check_index(const char* name, std::int64_t i, std::int64_t value, std::int64_t limit,
+                 const char* what) {
+  if (value < 0 || value >= limit) {
+    throw std::invalid_argument(std::string(name) + ": entry " + std::to_string(i) + " is " +
+                                std::to_string(value) + ", outside [0, " +
+                                std::to_string(limit) + ") " + what);
+  }
+}
+
+// One (sequence, head): every query of the sequence, its keys and values from kv head `g`.
+void attend(const Heads& q, const float* k_cache, const float* v_cache, std::int64_t kv_heads,
+            const std::int64_t* span, const std::int64_t* slots, std::int64_t h,
+            float scale, float* out, std::vector<float>& scores) {
+  const std::int64_t D = q.head_dim, start = span[0], len = span[1], ctx = span[2];
+  const std::int64_t g = h / (q.heads / kv_heads);
+  const std::int64_t out_stride = q.heads * D;
+  scores.resize(static_cast<std::size_t>(ctx));
+  for (std::int64_t i = 0; i < len; ++i) {
+    const float* qi = q.data + (start + i) * q.row_stride + h * D;
+    const std::int64_t n = ctx - len + i + 1;
+    float m = -INFINITY;
+    constexpr int kKeys = 4;
+    std::int64_t j = 0;
+    for (; j + kKeys <= n; j += kKeys) {
+      const float* keys[kKeys];
+      for (int r = 0; r < kKeys; ++r) keys[r] = k_cache + (slots[j + r] * kv_heads + g) * D;
+      dot8_rows<kKeys>(qi, keys, D, &scores[j]);
+    }
+    for (; j < n; ++j) scores[j] = dot8(qi, k_cache + (slots[j] * kv_heads + g) * D, D);
+    for (j = 0; j < n; ++j) {
+      scores[j] *= scale;
+      m = std::max(m, scores[j]);
+    }
+    float l = 0.0f;
+    for (std::int64_t j = 0; j < n; ++j) {
+      scores[j] = std::exp(scores[j] - m);
+      l += scores[j];
+    }
+    weighted_values(scores.data(), n, v_cache + g * D, slots, kv_heads * D, D, l,
+                    out + (start + i) * out_stride + h * D);
+  }
+}
+
+}  // namespace
+
+void rms_norm(const float* x, std::int64_t T, std::int64_t H, const float* weight, float eps,
+              float* out) {
+  check_dims(T, H);
+  for (std::int64_t t = 0; t < T; ++t) normalize_row(x + t * H, H, weight, eps, out + t * H);
+}
+
+void add_rms_norm(const float* x, float* residual, std::int64_t T, std::int64_t H,
+                  const float* weight, float eps, float* out) {
+  check_dims(T, H);
+  for (std::int64_t t = 0; t < T; ++t) {
+    float* r = residual + t * H;
+    const float* xt = x + t * H;
+    for (std::int64_t h = 0; h < H; ++h) r[h] += xt[h];
+    normalize_row(r, H, weight, eps, out + t * H);
+  }
+}
+
+void rope_and_cache(Heads q, Heads k, Heads v, const float* cos, const float* sin,
+                    std::int64_t P, const std::int64_t* positions, const std::int64_t* slots,
+                    float* k_cache, float* v_cache, std::int64_t num_slots) {
+  const std::int64_t T = q.rows, D = q.head_dim, half = D / 2;
+  if (D % 2 != 0) throw std::invalid_argument("q: head_dim must be even, got " + std::to_string(D));
+  for (std::int64_t t = 0; t < T; ++t) {
+    check_index("positions", t, positions[t], P, "(rows of cos and sin)");
+    check_index("slots", t, slots[t], num_slots, "(slots of k_cache)");
+  }
+  auto rotate = [&](const Heads& x, std::int64_t t) {
+    const float* c = cos + positions[t] * half;
+    const float* s = sin + positions[t] * half;
+    for (std::int64_t h = 0; h < x.heads; ++h) {
+      float* x1 = x.data + t * x.row_stride + h * D;
+      float* x2 = x1 + half;
+      for (std::int64_t d = 0; d < half; ++d) {
+        const float a = x1[d], b = x2[d];
+        x1[d] = a * c[d] - b * s[d];
+        x2[d] = b * c[d] + a * s[d];
+      }
+    }
+  };
+  const std::int64_t kv_row = k.heads * D;
+  for (std::int64_t t = 0; t < T; ++t) {
+    rotate(q, t);
+    rotate(k, t);
+    std::copy_n(k.data + t * k.row_stride, kv_row, k_cache + slots[t] * kv_row);
+    std::copy_n(v.data + t * v.row_stride, kv_row, v_cache + slots[t] * kv_row);
+  }
+}
+
+void paged_attention(Heads q, const float* k_cache, const float* v_cache,
+                     std::int64_t num_slots, std::int64_t kv_heads, const std::int64_t* spans,
+                     std::int64_t S, const std::int64_t* context_slots, std::int64_t C,
+                     float scale, float* out) {
+  if (kv_heads < 1 || q.heads % kv_heads != 0) {
+    throw std::invalid_argument("k_cache: " + std::to_string(kv_heads) +
+                                " kv heads do not divide q's " + std::to_string(q.heads) +
+                                " heads");
+  }
+  // Where each sequence's context starts in context_slots, checking every span first.
+  std::vector<std::int64_t> offset(static_cast<std::size_t>(S) + 1, 0);
+  std::int64_t next_row = 0;
+  double work = 0;
+  for (std::int64_t s = 0; s < S; ++s) {
+    const std::int64_t start = spans[3 * s], len = spans[3 * s + 1], ctx = spans[3 * s + 2];
+    const std::string at = "spans: row " + std::to_string(s) + " ";
+    if (len < 1 || ctx < len) {
+      throw std::invalid_argument(at + "needs 1 <= query_len <= context_len, got query_len " +
+                                  std::to_string(len) + ", context_len " + std::to_string(ctx));
+    }
+    if (start < next_row || start + len > q.rows) {
+      throw std::invalid_argument(at + "takes query rows [" + std::to_string(start) + ", " +
+                                  std::to_string(start + len) +
+                                  "), which overlap an earlier span or pass q's " +
+                                  std::to_string(q.rows) + " rows");
+    }
+    next_row = start + len;
+    offset[s + 1] = offset[s] + ctx;
+    if (offset[s + 1] > C) {
+      throw std::invalid_argument("context_slots: holds " + std::to_string(C) +
+                                  " slots, fewer than the spans' context lengths add up to");
+    }
+    work += static_cast<double>(len) * ctx * q.heads * q.head_dim;
+  }
+  if (offset[S] != C) {
+    throw std::invalid_argument("context_slots: holds " + std::to_string(C) +
+                                " slots, but the spans' context lengths add up to " +
+                                std::to_string(offset[S]));
+  }
+  for (std::int64_t c = 0; c < C; ++c) {
+    check_index("context_slots", c, context_slots[c], num_slots, "(slots of k_cache)");
+  }
+  if (S == 0) return;
+
+  const std::int64_t heads = q.heads;
+  ThreadPool::instance().run(static_cast<int>(S * heads), [&](int chunk) {
+    thread_local std::vector<float> scores;
+    const std::int64_t s = chunk / heads, h = chunk % heads;
+    attend(q, k_cache, v_cache, kv_heads, spans + 3 * s, context_slots + offset[s], h, scale,
+           out, scores);
+  }, work >= kWakeWork);
+}
+
+}  // namespace lockstep::cpu

@@ -1,0 +1,300 @@
+"""The CPU step ops (lockstep._core.rms_norm, add_rms_norm, rope_and_cache, paged_attention;
+cpp/cpu/cpu_ops.cpp) against float64 references, and their bitwise promises: a row's (for
+attention, a sequence's) result does not depend on what else is in the batch or on the thread
+count.
+
+Inputs are fresh random normals; outputs are poisoned with NaN first, so unwritten elements show.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lockstep import _core
+from lockstep.runtime.model import TorchModel
+
+# (atol, rtol) against the float64 reference, for values of order 1: a reduction of up to a few
+# hundred fp32 terms, then exp and a division, stays well inside these.
+TOLERANCE = {"rms_norm": (1e-6, 2e-6), "rope": (1e-6, 1e-6), "attention": (2e-6, 2e-5)}
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def normal(seed: int, *shape: int) -> np.ndarray:
+    return rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray, tol: str) -> None:
+    atol, rtol = TOLERANCE[tol]
+    assert not np.isnan(got).any(), f"{int(np.isnan(got).sum())} of {got.size} outputs were never written"
+    bad = np.abs(got.astype(np.float64) - expected) > atol + rtol * np.abs(expected)
+    if bad.any():
+        where = np.argwhere(bad)
+        i = tuple(int(v) for v in where[0])
+        raise AssertionError(f"{len(where)} of {bad.size} outputs off the float64 reference; first at {i}: "
+                             f"got {got[i]!r}, expected {expected[i]!r} (atol {atol}, rtol {rtol})")
+
+
+def assert_bitwise_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    differ = actual.view(np.uint32) != expected.view(np.uint32)
+    if differ.any():
+        where = np.argwhere(differ)
+        i = tuple(int(v) for v in where[0])
+        raise AssertionError(f"{what}: {len(where)} of {differ.size} elements differ in their bits; "
+                             f"first at {i}: {actual[i]!r} vs {expected[i]!r}")
+
+
+@pytest.fixture
+def threads():
+    """Sets the pool's thread count for one test, and restores it afterwards."""
+    before = _core.get_num_threads()
+    yield _core.set_num_threads
+    _core.set_num_threads(before)
+
+
+# ---- RMSNorm ----
+
+def rms_norm_reference(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return weight.astype(np.float64) * x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 576), (7, 123), (3, 1), (2, 8), (5, 2049)])
+def test_rms_norm_matches_reference(rows: int, cols: int) -> None:
+    x, weight = normal(rows * 31 + cols, rows, cols), normal(cols, cols)
+    out = np.full_like(x, np.nan)
+    _core.rms_norm(x, weight, 1e-5, out)
+    assert_close(out, rms_norm_reference(x, weight, 1e-5), "rms_norm")
+    _core.rms_norm(x, weight, 1e-5, x)  # in place
+    assert_bitwise_equal(x, out, "in place vs into out")
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 576), (6, 77)])
+def test_add_rms_norm_adds_then_normalizes(rows: int, cols: int) -> None:
+    x, residual, weight = normal(1, rows, cols), normal(2, rows, cols), normal(3, cols)
+    expected_residual = residual + x
+    out = np.full_like(x, np.nan)
+    _core.add_rms_norm(x, residual, weight, 1e-6, out)
+    assert_bitwise_equal(residual, expected_residual, "residual")
+    assert_close(out, rms_norm_reference(expected_residual, weight, 1e-6), "rms_norm")
+    alone = np.full_like(x, np.nan)
+    _core.rms_norm(expected_residual, weight, 1e-6, alone)
+    assert_bitwise_equal(out, alone, "fused vs add then rms_norm")
+
+
+def test_rms_norm_rows_do_not_depend_on_the_batch() -> None:
+    x, weight = normal(4, 64, 576), normal(5, 576)
+    batch = np.full_like(x, np.nan)
+    _core.rms_norm(x, weight, 1e-5, batch)
+    for t in (0, 17, 63):
+        alone = np.full_like(x[t:t + 1], np.nan)
+        _core.rms_norm(x[t:t + 1], weight, 1e-5, alone)
+        assert_bitwise_equal(alone[0], batch[t], f"row {t}")
+
+
+# ---- RoPE + cache write ----
+
+def rope_tables(positions: int, half: int) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = 1.0 / (10000.0 ** (np.arange(half, dtype=np.float64) / half))
+    freqs = np.outer(np.arange(positions), inv_freq).astype(np.float32)
+    return np.cos(freqs), np.sin(freqs)
+
+
+def rope_reference(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x [T, heads, D] float32, cos/sin [T, D/2]: rotate-half RoPE in float64."""
+    half = x.shape[-1] // 2
+    x64, c, s = x.astype(np.float64), cos[:, None].astype(np.float64), sin[:, None].astype(np.float64)
+    x1, x2 = x64[..., :half], x64[..., half:]
+    return np.concatenate((x1 * c - x2 * s, x2 * c + x1 * s), axis=-1)
+
+
+@pytest.mark.parametrize("tokens, heads, kv_heads, head_dim", [(1, 9, 3, 64), (5, 4, 1, 128), (13, 3, 3, 64)])
+def test_rope_and_cache_matches_reference_and_model(tokens: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    # q, k and v are column slices of one fused qkv row, as the model passes them.
+    qkv = normal(tokens + heads, tokens, (heads + 2 * kv_heads) * head_dim)
+    q = qkv[:, :heads * head_dim].reshape(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].reshape(tokens, kv_heads, head_dim)
+    q0, k0, v0 = q.copy(), k.copy(), v.copy()
+    cos, sin = rope_tables(400, head_dim // 2)
+    positions = rng(tokens).integers(0, 400, tokens)
+    slots = rng(heads).permutation(3 * tokens + 5)[:tokens]
+    k_cache = np.full((3 * tokens + 5, kv_heads, head_dim), np.nan, dtype=np.float32)
+    v_cache = k_cache.copy()
+    _core.rope_and_cache(q, k, v, cos, sin, positions, slots, k_cache, v_cache)
+
+    assert_close(q, rope_reference(q0, cos[positions], sin[positions]), "rope")
+    assert_close(k, rope_reference(k0, cos[positions], sin[positions]), "rope")
+    assert_bitwise_equal(v, v0, "v (not rotated)")
+    assert_bitwise_equal(k_cache[slots], k, "k_cache at slots")
+    assert_bitwise_equal(v_cache[slots], v0, "v_cache at slots")
+    others = np.setdiff1d(np.arange(k_cache.shape[0]), slots)
+    assert np.isnan(k_cache[others]).all() and np.isnan(v_cache[others]).all(), "wrote outside the slots"
+    # The same operations as the torch path (model.py), so the same bits.
+    c, s = torch.from_numpy(cos[positions]).unsqueeze(1), torch.from_numpy(sin[positions]).unsqueeze(1)
+    assert_bitwise_equal(q, TorchModel.rope(None, torch.from_numpy(q0), c, s).numpy(), "q vs TorchModel.rope")
+
+
+# ---- Paged attention ----
+
+def make_batch(seed: int, seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int):
+    """Random q and caches for sequences of (query_len, context_len), contexts at scattered slots."""
+    total_q, total_ctx = sum(n for n, _ in seqs), sum(c for _, c in seqs)
+    num_slots = total_ctx + 11
+    q = normal(seed, total_q, heads, head_dim)
+    k_cache, v_cache = normal(seed + 1, num_slots, kv_heads, head_dim), normal(seed + 2, num_slots, kv_heads, head_dim)
+    order = rng(seed + 3).permutation(num_slots)
+    spans, contexts, start, used = [], [], 0, 0
+    for n, ctx in seqs:
+        spans.append((start, n, ctx))
+        contexts.append(order[used:used + ctx])
+        start, used = start + n, used + ctx
+    return q, k_cache, v_cache, np.array(spans, dtype=np.int64).reshape(-1, 3), contexts
+
+
+def attention(q, k_cache, v_cache, spans, contexts, scale) -> np.ndarray:
+    out = np.full((q.shape[0], q.shape[1] * q.shape[2]), np.nan, dtype=np.float32)
+    context = np.concatenate(contexts) if contexts else np.zeros(0, dtype=np.int64)
+    _core.paged_attention(q, k_cache, v_cache, spans, context.astype(np.int64), scale, out)
+    return out
+
+
+def attention_reference(q, k_cache, v_cache, spans, contexts, scale) -> np.ndarray:
+    heads, kv_heads, d = q.shape[1], k_cache.shape[1], q.shape[2]
+    out = np.full((q.shape[0], heads * d), np.nan)
+    for (start, n, ctx), slots in zip(spans, contexts):
+        k = np.repeat(k_cache[slots].astype(np.float64), heads // kv_heads, axis=1)  # [ctx, heads, d]
+        v = np.repeat(v_cache[slots].astype(np.float64), heads // kv_heads, axis=1)
+        qs = q[start:start + n].astype(np.float64)
+        scores = np.einsum("qhd,khd->hqk", qs, k) * scale
+        visible = np.arange(ctx)[None, :] <= (ctx - n + np.arange(n))[:, None]
+        scores = np.where(visible[None], scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[start:start + n] = np.einsum("hqk,khd->qhd", p, v).reshape(n, -1)
+    return out
+
+
+SHAPES = [(9, 3, 64), (4, 4, 64), (8, 2, 128), (3, 1, 128)]  # (heads, kv_heads, head_dim): GQA 3, 1, 4, 3
+MIXED = [(1, 1), (1, 17), (1, 300), (5, 5), (7, 17), (30, 300), (1, 2)]
+
+
+# head_dim 72 and 6 leave a remainder in both the 8-lane dot product and the 16-wide value sum.
+@pytest.mark.parametrize("heads, kv_heads, head_dim", SHAPES + [(2, 1, 72), (3, 3, 6)])
+def test_paged_attention_matches_reference(heads: int, kv_heads: int, head_dim: int) -> None:
+    q, kc, vc, spans, contexts = make_batch(heads * head_dim, MIXED, heads, kv_heads, head_dim)
+    scale = 1 / math.sqrt(head_dim)
+    assert_close(attention(q, kc, vc, spans, contexts, scale),
+                 attention_reference(q, kc, vc, spans, contexts, scale), "attention")
+
+
+def test_paged_attention_leaves_rows_outside_spans_and_takes_strided_q() -> None:
+    heads, kv_heads, d = 9, 3, 64
+    qkv = normal(7, 6, (heads + 2 * kv_heads) * d)
+    q = qkv[:, :heads * d].reshape(6, heads, d)
+    kc, vc = normal(8, 40, kv_heads, d), normal(9, 40, kv_heads, d)
+    spans = np.array([[1, 2, 10], [4, 1, 7]], dtype=np.int64)
+    contexts = [np.arange(10), np.arange(20, 27)]
+    got = attention(q, kc, vc, spans, contexts, 0.125)
+    assert np.isnan(got[[0, 3, 5]]).all(), "wrote rows outside every span"
+    expected = attention_reference(q, kc, vc, spans, contexts, 0.125)
+    assert_close(got[[1, 2, 4]], expected[[1, 2, 4]], "attention")
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", SHAPES[:3])
+def test_paged_attention_sequence_does_not_depend_on_the_batch(heads: int, kv_heads: int, head_dim: int) -> None:
+    q, kc, vc, spans, contexts = make_batch(5, MIXED, heads, kv_heads, head_dim)
+    batch = attention(q, kc, vc, spans, contexts, 0.1)
+    for (start, n, ctx), slots in zip(spans, contexts):
+        alone = attention(q[start:start + n], kc, vc, np.array([[0, n, ctx]], dtype=np.int64), [slots], 0.1)
+        assert_bitwise_equal(alone, batch[start:start + n], f"sequence at rows {start}..{start + n}")
+
+
+def test_paged_attention_does_not_depend_on_the_thread_count(threads) -> None:
+    q, kc, vc, spans, contexts = make_batch(11, MIXED * 3, 9, 3, 64)
+    results = []
+    for n in (1, 2, 3):
+        threads(n)
+        results.append(attention(q, kc, vc, spans, contexts, 0.125))
+    assert_bitwise_equal(results[1], results[0], "2 threads vs 1")
+    assert_bitwise_equal(results[2], results[0], "3 threads vs 1")
+
+
+# ---- Malformed inputs ----
+
+def test_bad_arguments_raise_value_error_naming_them() -> None:
+    x, w, out = normal(1, 3, 8), normal(2, 8), np.zeros((3, 8), np.float32)
+    cases = [
+        (lambda: _core.rms_norm(x.astype(np.float64), w, 1e-5, out), "x: expected dtype float32"),
+        (lambda: _core.rms_norm(x, normal(2, 7), 1e-5, out), "weight: expected shape"),
+        (lambda: _core.rms_norm(x, w, 1e-5, np.zeros((3, 9), np.float32)), "out: expected shape"),
+        (lambda: _core.rms_norm(np.asfortranarray(normal(1, 8, 8)), w, 1e-5, np.zeros((8, 8), np.float32)),
+         "x: must be C-contiguous"),
+        (lambda: _core.rms_norm(torch.zeros(3, 8), w, 1e-5, out), "x: expected a numpy.ndarray"),
+        (lambda: _core.add_rms_norm(x, x, w, 1e-5, out), "residual: overlaps x"),
+    ]
+    ro = np.zeros((3, 8), np.float32)
+    ro.flags.writeable = False
+    cases.append((lambda: _core.rms_norm(x, w, 1e-5, ro), "out: is read-only"))
+
+    q, k, v = normal(3, 2, 4, 8), normal(4, 2, 2, 8), normal(5, 2, 2, 8)
+    cos, sin = rope_tables(10, 4)
+    kc, vc = np.zeros((6, 2, 8), np.float32), np.zeros((6, 2, 8), np.float32)
+    pos, slots = np.array([0, 1]), np.array([2, 3])
+    kc0 = kc.copy()
+    cases += [
+        (lambda: _core.rope_and_cache(q, k, v, cos, sin, np.array([0, 10]), slots, kc, vc), "positions: entry 1 is 10"),
+        (lambda: _core.rope_and_cache(q, k, v, cos, sin, pos, np.array([2, -1]), kc, vc), "slots: entry 1 is -1"),
+        (lambda: _core.rope_and_cache(q, k, v, cos, sin, pos.astype(np.int32), slots, kc, vc), "positions: expected dtype int64"),
+        (lambda: _core.rope_and_cache(q, k, v, cos, sin, pos, slots, kc, np.zeros((6, 2, 4), np.float32)), "v_cache: expected shape"),
+        (lambda: _core.rope_and_cache(q, k, v, cos, sin, pos, slots, kc, kc), "k_cache: overlaps v_cache"),
+        (lambda: _core.rope_and_cache(q[:, :, ::2], k, v, cos, sin, pos, slots, kc, vc), "q: each row must be C-contiguous"),
+    ]
+
+    spans = np.array([[0, 1, 3], [1, 1, 2]], dtype=np.int64)
+    ctx = np.array([0, 1, 2, 3, 4], dtype=np.int64)
+    o = np.zeros((2, 32), np.float32)
+    cases += [
+        (lambda: _core.paged_attention(q, kc, vc, spans, ctx[:4], 0.1, o), "context_slots: holds 4 slots"),
+        (lambda: _core.paged_attention(q, kc, vc, spans, np.array([0, 1, 2, 3, 6]), 0.1, o), "context_slots: entry 4 is 6"),
+        (lambda: _core.paged_attention(q, kc, vc, np.array([[0, 2, 3], [1, 1, 2]]), ctx, 0.1, o), "spans: row 1"),
+        (lambda: _core.paged_attention(q, kc, vc, np.array([[0, 3, 2], [1, 1, 3]]), ctx, 0.1, o), "spans: row 0 needs"),
+        (lambda: _core.paged_attention(q, np.zeros((6, 3, 8), np.float32), np.zeros((6, 3, 8), np.float32),
+                                       spans, ctx, 0.1, o), "kv heads do not divide"),
+        (lambda: _core.paged_attention(q, kc, vc, spans[:, :2].copy(), ctx, 0.1, o), "spans: expected shape"),
+        (lambda: _core.paged_attention(q, kc, vc, spans, ctx, 0.1, np.zeros((2, 31), np.float32)), "out: expected shape"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            call()
+    assert_bitwise_equal(kc, kc0, "k_cache after rejected calls")
+
+
+# ---- In the model ----
+
+def test_engine_uses_the_ops_with_the_native_kernels_only(make_engine) -> None:
+    assert make_engine().runner.native_ops
+    assert not make_engine(cpu_kernels="torch").runner.native_ops
+
+
+def test_native_ops_forward_matches_the_torch_ops_forward(make_engine) -> None:
+    """Same matmuls, norm/RoPE/attention by _core or by torch: the same greedy tokens, and
+    logprobs within fp32 reordering noise, through chunked prefill beside decodes."""
+    from lockstep.runtime.sampling_params import SamplingParams
+
+    prompts = ["The capital of France is", "def fibonacci(n):\n    "]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+    results = []
+    for native in (True, False):
+        engine = make_engine(max_batched_tokens=8)
+        engine.runner.native_ops = native
+        results.append(engine.generate(prompts, [params, params]))
+    for ours, theirs in zip(*results):
+        assert ours.output_ids == theirs.output_ids
+        np.testing.assert_allclose(ours.logprobs, theirs.logprobs, atol=2e-3)
+        assert ours.logprobs != theirs.logprobs  # really two different paths
