@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lockstep import _core
+
 from .quantized_weights import QuantizedMatrix, QuantizedWeights
 from .weights import ModelWeights
 
@@ -45,9 +47,7 @@ def native_cpu_matmul(x: torch.Tensor, matrix: QuantizedMatrix) -> torch.Tensor:
     """x @ W.T on the CPU by lockstep._core.quant_matmul, reading W's GGUF blocks (or float rows)
     as stored; each output element is reduced in one fixed order, so a row's result does not
     depend on the batch around it or on the thread count (cpp/cpu/quant_matmul.cpp)."""
-    from lockstep import _core
-
     x = x.contiguous()
     out = torch.empty(x.shape[0], matrix.rows, dtype=torch.float32)
-    _core.quant_matmul(x.numpy(), matrix.blocks.numpy(), matrix.qtype, out.numpy())
+    _core.quant_matmul(x.numpy(), matrix.numpy(), matrix.qtype, out.numpy())
     return out

@@ -12,7 +12,7 @@ forward then uses the float weights for it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,10 +30,17 @@ KERNEL_QTYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 class QuantizedMatrix:
     qtype: str  # one of KERNEL_QTYPES, or "F32" for float rows (the native CPU kernel reads those too)
     blocks: torch.Tensor  # uint8 [rows, (cols // 32) * block bytes], as stored in the file
+    # The numpy view the native CPU kernel takes, made once: a decode step makes ~120 matmul calls.
+    _array: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def rows(self) -> int:
         return self.blocks.shape[0]
+
+    def numpy(self) -> np.ndarray:
+        if self._array is None:
+            self._array = self.blocks.numpy()
+        return self._array
 
     def to(self, device: torch.device | str) -> QuantizedMatrix:
         return QuantizedMatrix(self.qtype, self.blocks.to(device))
