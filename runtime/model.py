@@ -45,6 +45,12 @@ class _LayerViews:
     ffn_norm: np.ndarray
     k_cache: np.ndarray
     v_cache: np.ndarray
+    # (qtype, rows) of each matrix, as lockstep._core.quant_matmul reads them
+    wqkv: tuple[str, np.ndarray]
+    wo: tuple[str, np.ndarray]
+    w_gate_up: tuple[str, np.ndarray]
+    w_down: tuple[str, np.ndarray]
+    bqkv: np.ndarray | None
 
 
 def rope_inv_freq(config: ModelConfig, freq_divisors: torch.Tensor | None) -> torch.Tensor:
@@ -130,31 +136,41 @@ class TorchModel:
         from lockstep import _core
 
         cfg, eps, views = self.config, self.config.rms_norm_eps, self._native_views()
+        matmul = _core.quant_matmul
         x_t = self.w.embed[inputs.token_ids]  # a fresh copy: the residual stream, updated in place
-        x, h = x_t.numpy(), torch.empty_like(x_t).numpy()
-        h_t = torch.from_numpy(h)
-        attn_t = torch.empty(x.shape[0], cfg.q_size, dtype=torch.float32)
-        attn = attn_t.numpy()
+        num_tokens = x_t.shape[0]
+        # The step's activations, allocated once per step and reused by every layer.
+        x, h = x_t.numpy(), np.empty_like(x_t.numpy())
+        attn = np.empty((num_tokens, cfg.q_size), np.float32)
+        qkv = np.empty((num_tokens, cfg.q_size + 2 * cfg.kv_size), np.float32)
+        out = np.empty_like(h)
+        gate_up_t = torch.empty(num_tokens, 2 * cfg.intermediate_size)
+        act_t = torch.empty(num_tokens, cfg.intermediate_size)
+        gate_up, act = gate_up_t.numpy(), act_t.numpy()
+        gate_t, up_t = gate_up_t.chunk(2, dim=-1)
+        q = qkv[:, :cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
+        k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         positions, slots = inputs.positions.numpy(), inputs.slot_mapping.numpy()
         spans = np.array([(s.start, s.length, s.context_slots.numel()) for s in inputs.spans],
                          dtype=np.int64).reshape(-1, 3)
         context = torch.cat([s.context_slots for s in inputs.spans]).numpy()
-        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         _core.rms_norm(x, views[0].attn_norm, eps, h)
         for layer_idx, layer in enumerate(views):
-            qkv = self.linear(h_t, layer_idx, "wqkv").numpy()
-            q = qkv[:, :cfg.q_size].reshape(-1, heads, d)
-            k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(-1, kv_heads, d)
-            v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(-1, kv_heads, d)
+            matmul(h, layer.wqkv[1], layer.wqkv[0], qkv)
+            if layer.bqkv is not None:
+                qkv += layer.bqkv
             _core.rope_and_cache(q, k, v, self._cos, self._sin, positions, slots, layer.k_cache, layer.v_cache)
             _core.paged_attention(q, layer.k_cache, layer.v_cache, spans, context, self.scale, attn)
-            _core.add_rms_norm(self.linear(attn_t, layer_idx, "wo").numpy(), x, layer.ffn_norm, eps, h)
-            gate, up = self.linear(h_t, layer_idx, "w_gate_up").chunk(2, dim=-1)
-            down = self.linear(F.silu(gate) * up, layer_idx, "w_down").numpy()
+            matmul(attn, layer.wo[1], layer.wo[0], out)
+            _core.add_rms_norm(out, x, layer.ffn_norm, eps, h)
+            matmul(h, layer.w_gate_up[1], layer.w_gate_up[0], gate_up)
+            torch.mul(F.silu(gate_t), up_t, out=act_t)
+            matmul(act, layer.w_down[1], layer.w_down[0], out)
             if layer_idx + 1 < len(views):
-                _core.add_rms_norm(down, x, views[layer_idx + 1].attn_norm, eps, h)
+                _core.add_rms_norm(out, x, views[layer_idx + 1].attn_norm, eps, h)
             else:
-                x += down
+                x += out
         last = x_t[inputs.logit_rows]
         _core.rms_norm(last.numpy(), self._final_norm, eps, last.numpy())
         return self.linear(last, None, "lm_head")
@@ -164,8 +180,13 @@ class TorchModel:
         allocated once, so the views stay valid."""
         if self._views is None:
             self._cos, self._sin, self._final_norm = self.cos.numpy(), self.sin.numpy(), self.w.final_norm.numpy()
-            self._views = [_LayerViews(layer.attn_norm.numpy(), layer.ffn_norm.numpy(), self.kv.k[i].numpy(),
-                                       self.kv.v[i].numpy()) for i, layer in enumerate(self.w.layers)]
+            blocks = self.linear.blocks  # every matrix: the native path is only on with with_float_rows
+            rows = lambda m: (m.qtype, m.numpy())  # noqa: E731
+            self._views = [
+                _LayerViews(layer.attn_norm.numpy(), layer.ffn_norm.numpy(), self.kv.k[i].numpy(),
+                            self.kv.v[i].numpy(), rows(b.wqkv), rows(b.wo), rows(b.w_gate_up), rows(b.w_down),
+                            None if layer.bqkv is None else layer.bqkv.numpy())
+                for i, (layer, b) in enumerate(zip(self.w.layers, blocks.layers))]
         return self._views
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
