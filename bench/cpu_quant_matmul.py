@@ -18,6 +18,7 @@ the caches, as a decode step reading 97 MB of weights per token does. Rates:
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_quant_matmul.py            # ~1 min
     OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_quant_matmul.py --dry-run  # tiny, checks the script
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_quant_matmul.py --isa avx512 avx2  # compare kernels
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class Row:
     k: int
     m: int
     threads: int
+    isa: str
     weight_bytes: int
     ours_us: float
     ours_gbps: float
@@ -116,7 +118,7 @@ def read_bandwidth_gbps(threads: int, nbytes: int) -> float:
     return src.numel() * 4 / seconds / 1e9
 
 
-def bench_layer(name: str, qtype: str, n: int, k: int, m: int, threads: int, bandwidth: float,
+def bench_layer(name: str, qtype: str, n: int, k: int, m: int, threads: int, isa: str, bandwidth: float,
                 cold_bytes: int, repeats: int, warmup_s: float, seed: int) -> Row:
     rng = np.random.default_rng(seed)
     weights = rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)
@@ -130,16 +132,16 @@ def bench_layer(name: str, qtype: str, n: int, k: int, m: int, threads: int, ban
 
     _core.set_num_threads(threads)
     torch.set_num_threads(threads)
-    _core.quant_matmul(x, stored, qtype, out)
+    _core.quant_matmul(x, stored, qtype, out, isa)
     expected = F.linear(x_t.double(), dense.double())
     max_rel_err = float((torch.from_numpy(out).double() - expected).abs().max() / expected.abs().max())
 
     calls = max(len(ours_w), 3 if m > 1 else 20)
-    ours = time_per_call(lambda i: _core.quant_matmul(x, ours_w[i % len(ours_w)], qtype, out), calls, repeats, warmup_s)
+    ours = time_per_call(lambda i: _core.quant_matmul(x, ours_w[i % len(ours_w)], qtype, out, isa), calls, repeats, warmup_s)
     calls = max(len(torch_w), 3 if m > 1 else 20)
     peer = time_per_call(lambda i: F.linear(x_t, torch_w[i % len(torch_w)]), calls, repeats, warmup_s)
     flops = 2 * m * n * k
-    return Row(name, qtype, n, k, m, threads, stored.nbytes, ours * 1e6, stored.nbytes / ours / 1e9,
+    return Row(name, qtype, n, k, m, threads, isa, stored.nbytes, ours * 1e6, stored.nbytes / ours / 1e9,
                100 * stored.nbytes / ours / 1e9 / bandwidth, flops / ours / 1e9, peer * 1e6,
                dense.numel() * 4 / peer / 1e9, flops / peer / 1e9, peer / ours, max_rel_err)
 
@@ -153,29 +155,31 @@ def call_overhead_us() -> float:
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| layer | qtype | N x K | M | threads | ours us | GB/s | % copy bw | GFLOP/s | "
+    lines = ["| layer | qtype | N x K | M | threads | isa | ours us | GB/s | % copy bw | GFLOP/s | "
              "torch fp32 us | torch GB/s | torch GFLOP/s | speedup | max rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.layer} | {r.qtype} | {r.n}x{r.k} | {r.m} | {r.threads} | {r.ours_us:.1f} | "
+        lines.append(f"| {r.layer} | {r.qtype} | {r.n}x{r.k} | {r.m} | {r.threads} | {r.isa} | {r.ours_us:.1f} | "
                      f"{r.ours_gbps:.1f} | {r.pct_of_copy_bw:.0f}% | {r.ours_gflops:.1f} | {r.torch_us:.1f} | "
                      f"{r.torch_gbps:.1f} | {r.torch_gflops:.1f} | {r.speedup:.2f}x | {r.max_rel_err:.1e} |")
     return "\n".join(lines)
 
 
 def decode_summary(rows: list[Row], bandwidth: dict[int, float], read_bandwidth: dict[int, float]) -> list[dict]:
-    """Per token at M = 1: the time of all 121 matmuls (30 layers + head) and what it implies."""
+    """Per token at M = 1, for each thread count and isa: the time of all 121 matmuls (30 layers +
+    head) and what it implies."""
     summary = []
     for threads in sorted(bandwidth):
-        at_m1 = {r.layer: r for r in rows if r.m == 1 and r.threads == threads}
-        if set(at_m1) != {name for name, *_ in LAYERS} | {HEAD[0]}:
-            continue
-        seconds = (NUM_LAYERS * sum(at_m1[name].ours_us for name, *_ in LAYERS) + at_m1[HEAD[0]].ours_us) / 1e6
-        nbytes = NUM_LAYERS * sum(at_m1[name].weight_bytes for name, *_ in LAYERS) + at_m1[HEAD[0]].weight_bytes
-        summary.append({"threads": threads, "matmul_ms_per_token": seconds * 1e3,
-                        "matmul_only_tok_s": 1 / seconds, "weight_MB_per_token": nbytes / 1e6,
-                        "pct_of_copy_bw": 100 * nbytes / seconds / 1e9 / bandwidth[threads],
-                        "pct_of_read_bw": 100 * nbytes / seconds / 1e9 / read_bandwidth[threads]})
+        for isa in dict.fromkeys(r.isa for r in rows):
+            at_m1 = {r.layer: r for r in rows if r.m == 1 and r.threads == threads and r.isa == isa}
+            if set(at_m1) != {name for name, *_ in LAYERS} | {HEAD[0]}:
+                continue
+            seconds = (NUM_LAYERS * sum(at_m1[name].ours_us for name, *_ in LAYERS) + at_m1[HEAD[0]].ours_us) / 1e6
+            nbytes = NUM_LAYERS * sum(at_m1[name].weight_bytes for name, *_ in LAYERS) + at_m1[HEAD[0]].weight_bytes
+            summary.append({"threads": threads, "isa": isa, "matmul_ms_per_token": seconds * 1e3,
+                            "matmul_only_tok_s": 1 / seconds, "weight_MB_per_token": nbytes / 1e6,
+                            "pct_of_copy_bw": 100 * nbytes / seconds / 1e9 / bandwidth[threads],
+                            "pct_of_read_bw": 100 * nbytes / seconds / 1e9 / read_bandwidth[threads]})
     return summary
 
 
@@ -184,6 +188,8 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes and few repeats: checks the script")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--m", type=int, nargs="+", default=[1, 100])
+    parser.add_argument("--isa", nargs="+", default=["auto"],
+                        help="kernels to time: auto (what the engine runs), avx512, avx2, scalar")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_quant_matmul.json")
     args = parser.parse_args()
@@ -204,10 +210,13 @@ def main() -> int:
     rows = []
     for threads in args.threads:
         for m in args.m:
-            for seed, (name, qtype, n, k) in enumerate(shapes):
-                rows.append(bench_layer(name, qtype, n, k, m, threads, bandwidth[threads], cold_bytes, repeats,
-                                        warmup_s, seed))
-                print(f"  {name} M={m} threads={threads}: {rows[-1].ours_us:.1f} us", file=sys.stderr)
+            for isa in args.isa:
+                isa_run = features["auto_isa"] if isa == "auto" else isa
+                for seed, (name, qtype, n, k) in enumerate(shapes):
+                    rows.append(bench_layer(name, qtype, n, k, m, threads, isa_run, bandwidth[threads], cold_bytes,
+                                            repeats, warmup_s, seed))
+                    print(f"  {name} M={m} threads={threads} isa={isa_run}: {rows[-1].ours_us:.1f} us",
+                          file=sys.stderr)
     overhead = call_overhead_us()
     summary = decode_summary(rows, bandwidth, read_bandwidth)
 
@@ -218,7 +227,7 @@ def main() -> int:
               f"sum {read_bandwidth[t]:.1f} GB/s (read only)")
     print(f"call overhead (Python binding, checks, dispatch): {overhead:.2f} us")
     for s in summary:
-        print(f"decode matmuls at {s['threads']} thread{'s' if s['threads'] > 1 else ''}: "
+        print(f"decode matmuls at {s['threads']} thread{'s' if s['threads'] > 1 else ''}, {s['isa']}: "
               f"{s['matmul_ms_per_token']:.2f} ms/token ({s['matmul_only_tok_s']:.0f} tok/s if nothing else ran), "
               f"{s['weight_MB_per_token']:.0f} MB at {s['pct_of_copy_bw']:.0f}% of copy bandwidth, "
               f"{s['pct_of_read_bw']:.0f}% of read bandwidth")

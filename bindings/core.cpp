@@ -348,7 +348,7 @@ out[m, n] = sum_k x[m, k] * W[n, k], reading W's GGUF blocks as stored; written 
 x: float32 [M, K]; w: uint8 [N, row_bytes], one row per output (K/32 blocks for Q8_0,
 Q4_0, Q4_1; K elements for F32, F16); qtype: "F32", "F16", "Q8_0", "Q4_0" or "Q4_1";
 out: float32 [M, N]. All C-contiguous numpy arrays (CPU torch tensors via .numpy()).
-isa: "auto", "avx2" or "scalar". Every output element is reduced in one fixed order, so
+isa: "auto", "avx512", "avx2" or "scalar". Every output element is reduced in one fixed order, so
 its bits do not depend on M, the thread count or isa. Runs without the GIL. Malformed
 arguments raise ValueError naming the argument.
 )doc");
@@ -362,9 +362,10 @@ arguments raise ValueError naming the argument.
     d["avx2"] = f.avx2;
     d["fma"] = f.fma;
     d["f16c"] = f.f16c;
+    d["avx512"] = f.avx512;
     d["auto_isa"] = lockstep::cpu::isa_name(lockstep::cpu::auto_isa());
     return d;
-  }, "{'avx2', 'fma', 'f16c': bool, 'auto_isa': the isa that isa='auto' runs}.");
+  }, "{'avx2', 'fma', 'f16c', 'avx512' (F, BW and VL): bool, 'auto_isa': the isa that isa='auto' runs}.");
 
   // ---- CPU step ops ----
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),

@@ -1,6 +1,6 @@
 """The CPU quantized matmul (lockstep._core.quant_matmul, cpp/cpu/) against a float64 reference,
 and its bitwise promises: an output row does not depend on the rows batched with it, on the
-thread count, or on the instruction set (AVX2 or scalar).
+thread count, or on the instruction set (AVX-512, AVX2 or scalar).
 
 Weights are random floats quantized with gguf-py (`gguf.quants.quantize`); the reference
 dequantizes them with gguf-py too and multiplies in float64. Decoding is exact, so the only
@@ -23,9 +23,13 @@ from lockstep import _core
 
 QTYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
-HAVE_AVX2 = _core.cpu_features()["auto_isa"] == "avx2"
-ISAS = ("avx2", "scalar") if HAVE_AVX2 else ("scalar",)
+HAVE_AVX512 = _core.cpu_features()["auto_isa"] == "avx512"
+HAVE_AVX2 = _core.cpu_features()["auto_isa"] in ("avx512", "avx2")
+ISAS = ("avx512",) * HAVE_AVX512 + ("avx2",) * HAVE_AVX2 + ("scalar",)
 NO_AVX2 = "this CPU lacks AVX2, FMA or F16C, so only the scalar kernels run"
+NO_AVX512 = "this CPU lacks AVX-512 F/BW/VL (or AVX2, FMA, F16C), so the AVX-512 kernels cannot run"
+if not HAVE_AVX512:
+    print(f"test_cpu_quant_matmul: skipping the AVX-512 cases: {NO_AVX512}")
 
 
 def quantized(qtype: str, n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,6 +184,26 @@ def test_thread_count_does_not_change_bits(qtype: str, threads) -> None:
         assert_bitwise_equal(results[t][1], results[1][1], f"M = 7, {t} threads vs 1")
 
 
+@pytest.mark.skipif(not HAVE_AVX512, reason=NO_AVX512)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_avx512_matches_scalar_and_avx2_bitwise(qtype: str) -> None:
+    """The same cases as for AVX2, plus the default model's shapes at decode (M = 1, 2)."""
+    ks = (32, 37, 100, 576, 1536) if qtype.startswith("F") else (32, 96, 576, 1536)
+    for k in ks:
+        for w in (quantized(qtype, 37, k, seed=k)[0], random_blocks(qtype, 37, k, seed=k + 1)):
+            x = random_x(64, k, seed=k + 2)
+            for m in (1, 2, 3, 5, 64):
+                ours = matmul(x[:m], w, qtype, "avx512")
+                assert_bitwise_equal(ours, matmul(x[:m], w, qtype, "scalar"), f"{qtype} K={k} M={m}: avx512 vs scalar")
+                assert_bitwise_equal(ours, matmul(x[:m], w, qtype, "avx2"), f"{qtype} K={k} M={m}: avx512 vs avx2")
+    for m, n, k in SHAPES + (TAIL_SHAPES if qtype.startswith("F") else []):
+        w, _ = quantized(qtype, n, k, seed=n + k)
+        x = random_x(m, k, seed=m * 1000 + k)
+        ours = matmul(x, w, qtype, "avx512")
+        assert_bitwise_equal(ours, matmul(x, w, qtype, "scalar"), f"{qtype} ({m}, {n}, {k}): avx512 vs scalar")
+        assert_bitwise_equal(ours, matmul(x, w, qtype, "avx2"), f"{qtype} ({m}, {n}, {k}): avx512 vs avx2")
+
+
 @pytest.mark.skipif(not HAVE_AVX2, reason=NO_AVX2)
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_avx2_matches_scalar_bitwise(qtype: str) -> None:
@@ -216,9 +240,10 @@ def test_misaligned_buffers_give_the_same_bits(qtype: str, isa: str) -> None:
 
 def test_cpu_features_and_auto() -> None:
     features = _core.cpu_features()
-    assert set(features) == {"avx2", "fma", "f16c", "auto_isa"}
-    assert all(isinstance(features[key], bool) for key in ("avx2", "fma", "f16c"))
-    assert features["auto_isa"] == ("avx2" if features["avx2"] and features["fma"] and features["f16c"] else "scalar")
+    assert set(features) == {"avx2", "fma", "f16c", "avx512", "auto_isa"}
+    assert all(isinstance(features[key], bool) for key in ("avx2", "fma", "f16c", "avx512"))
+    avx2 = features["avx2"] and features["fma"] and features["f16c"]
+    assert features["auto_isa"] == ("avx512" if avx2 and features["avx512"] else "avx2" if avx2 else "scalar")
     print(f"cpu_features: {features}")
     x, w = invariance_case("Q4_1", n=33, k=64, m=5)
     assert_bitwise_equal(matmul(x, w, "Q4_1", "auto"), matmul(x, w, "Q4_1", features["auto_isa"]), "auto vs its isa")
@@ -229,6 +254,13 @@ def test_avx2_request_without_avx2_raises() -> None:
     x, w = invariance_case("Q4_1", n=3, k=32, m=1)
     with pytest.raises(ValueError, match="isa: 'avx2'"):
         matmul(x, w, "Q4_1", "avx2")
+
+
+@pytest.mark.skipif(HAVE_AVX512, reason="this CPU has AVX-512, so isa='avx512' is available")
+def test_avx512_request_without_avx512_raises() -> None:
+    x, w = invariance_case("Q4_1", n=3, k=32, m=1)
+    with pytest.raises(ValueError, match="isa: 'avx512' (needs|is not built)"):
+        matmul(x, w, "Q4_1", "avx512")
 
 
 def test_empty_dimensions() -> None:

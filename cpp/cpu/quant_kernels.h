@@ -46,6 +46,9 @@ void matmul_rows(const Problem& p, std::int64_t n_begin, std::int64_t n_end);
 namespace avx2 {
 void matmul_rows(const Problem& p, std::int64_t n_begin, std::int64_t n_end);
 }
+namespace avx512 {
+void matmul_rows(const Problem& p, std::int64_t n_begin, std::int64_t n_end);
+}
 #endif
 
 // GGUF is little-endian, and so is every host this builds for.

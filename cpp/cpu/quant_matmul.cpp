@@ -23,8 +23,8 @@
 //      (i < 4); u_i = t_i + t_{i+2} (i < 2); out = u_0 + u_1.
 //
 // The AVX2 kernels keep the four lane vectors of an output in four ymm accumulators and add
-// blocks in k order; the scalar kernels keep a float[32] and call std::fmaf. Both evaluate
-// exactly the operations above, so they agree bit for bit. This relies on no compiler
+// blocks in k order; the AVX-512 kernels keep them in two zmm accumulators (v0|v1, v2|v3); the scalar kernels keep a float[32] and call std::fmaf. Both evaluate
+// exactly the operations above, so they all agree bit for bit. This relies on no compiler
 // contracting a * b + c into an fma the code does not spell out: every file here is built
 // with -ffp-contract=off (CMakeLists.txt), and without -ffast-math.
 //
@@ -96,7 +96,21 @@ Split split_rows(std::int64_t M, std::int64_t N, std::int64_t row_bytes, int thr
   return {static_cast<int>((N + rows - 1) / rows), rows, work >= kWakeWork};
 }
 
-bool avx2_built() { return LOCKSTEP_CPU_X86 != 0; }
+bool x86_built() { return LOCKSTEP_CPU_X86 != 0; }
+
+bool avx2_usable() {
+  static const bool ok = [] {
+    const CpuFeatures f = cpu_features();
+    return x86_built() && f.avx2 && f.fma && f.f16c;
+  }();
+  return ok;
+}
+
+// The AVX-512 kernels hand M > 2 to the AVX2 ones, so they need AVX2 too.
+bool avx512_usable() {
+  static const bool ok = avx2_usable() && cpu_features().avx512;
+  return ok;
+}
 
 }  // namespace
 
@@ -114,11 +128,11 @@ QType parse_qtype(const std::string& name) {
 }
 
 Isa parse_isa(const std::string& name) {
-  for (Isa i : {Isa::Auto, Isa::Avx2, Isa::Scalar}) {
+  for (Isa i : {Isa::Auto, Isa::Avx512, Isa::Avx2, Isa::Scalar}) {
     if (name == isa_name(i)) return i;
   }
   throw std::invalid_argument("isa: unknown instruction set '" + name +
-                              "'; expected one of auto, avx2, scalar");
+                              "'; expected one of auto, avx512, avx2, scalar");
 }
 
 const char* qtype_name(QType qtype) {
@@ -135,6 +149,7 @@ const char* qtype_name(QType qtype) {
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Auto: return "auto";
+    case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
     case Isa::Scalar: return "scalar";
   }
@@ -149,15 +164,15 @@ CpuFeatures cpu_features() {
   f.avx2 = __builtin_cpu_supports("avx2");
   f.fma = __builtin_cpu_supports("fma");
   f.f16c = __builtin_cpu_supports("f16c");
+  // Like AVX, AVX-512 counts only if the OS saves the zmm and mask state; libgcc checks XCR0.
+  f.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl");
 #endif
   return f;
 }
 
 Isa auto_isa() {
-  static const Isa isa = [] {
-    const CpuFeatures f = cpu_features();
-    return avx2_built() && f.avx2 && f.fma && f.f16c ? Isa::Avx2 : Isa::Scalar;
-  }();
+  static const Isa isa = avx512_usable() ? Isa::Avx512 : avx2_usable() ? Isa::Avx2 : Isa::Scalar;
   return isa;
 }
 
@@ -186,10 +201,16 @@ void quant_matmul(const float* x, std::int64_t M, std::int64_t K, const std::uin
         " weights");
   }
   if (isa == Isa::Auto) isa = auto_isa();
-  if (isa == Isa::Avx2 && auto_isa() != Isa::Avx2) {
+  if (isa == Isa::Avx2 && !avx2_usable()) {
     throw std::invalid_argument(
-        avx2_built() ? "isa: 'avx2' needs AVX2, FMA and F16C, and this CPU lacks at least one"
-                     : "isa: 'avx2' is not built into this module (not an x86 build)");
+        x86_built() ? "isa: 'avx2' needs AVX2, FMA and F16C, and this CPU lacks at least one"
+                    : "isa: 'avx2' is not built into this module (not an x86 build)");
+  }
+  if (isa == Isa::Avx512 && !avx512_usable()) {
+    throw std::invalid_argument(
+        x86_built() ? "isa: 'avx512' needs AVX-512 F, BW and VL, AVX2, FMA and F16C, and this CPU "
+                      "lacks at least one"
+                    : "isa: 'avx512' is not built into this module (not an x86 build)");
   }
   if (M == 0 || N == 0) return;
 
@@ -208,6 +229,7 @@ void quant_matmul(const float* x, std::int64_t M, std::int64_t K, const std::uin
   auto rows = &scalar::matmul_rows;
 #if LOCKSTEP_CPU_X86
   if (isa == Isa::Avx2) rows = &avx2::matmul_rows;
+  if (isa == Isa::Avx512) rows = &avx512::matmul_rows;
 #endif
   ThreadPool& pool = ThreadPool::instance();
   const Split split = split_rows(M, N, row_bytes, pool.num_threads());

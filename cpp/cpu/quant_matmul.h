@@ -21,7 +21,7 @@ namespace lockstep::cpu {
 // high nibble of byte i.
 enum class QType { F32, F16, Q8_0, Q4_0, Q4_1 };
 
-enum class Isa { Auto, Avx2, Scalar };
+enum class Isa { Auto, Avx512, Avx2, Scalar };
 
 // Parse the Python-facing names; throw std::invalid_argument naming the argument.
 QType parse_qtype(const std::string& name);
@@ -33,10 +33,12 @@ struct CpuFeatures {
   bool avx2 = false;
   bool fma = false;
   bool f16c = false;
+  bool avx512 = false;  // AVX-512 F, BW and VL, all three
 };
 
 CpuFeatures cpu_features();
-// What Isa::Auto runs: Avx2 when the CPU has AVX2, FMA and F16C, Scalar otherwise.
+// What Isa::Auto runs: Avx512 when the CPU has AVX-512 F/BW/VL, AVX2, FMA and F16C; else Avx2
+// when it has AVX2, FMA and F16C; Scalar otherwise.
 Isa auto_isa();
 
 // Weights in a row of `row_bytes` bytes of `qtype`. Throws std::invalid_argument (naming
