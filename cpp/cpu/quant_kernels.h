@@ -2,6 +2,7 @@
 // handed, the tiling helper and the GGUF field readers. Internal to cpp/cpu.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -37,6 +38,12 @@ struct Problem {
 // Rows of x that one decoded weight row is reused for before the next is decoded: as many as
 // keep the x tile within about half of a 2 MiB L2. Changes speed only, never results.
 std::int64_t m_tile_rows(std::int64_t kpad);
+
+// This thread's scratch of at least `floats` floats, reused across calls. It lives here, in a
+// file built with baseline flags, so that no std:: template is instantiated inside the
+// ISA-specific files: the linker keeps one copy of such an inline function for the whole
+// module, and a copy compiled with -mavx2 would then run on CPUs without AVX2.
+float* thread_scratch(std::size_t floats);
 
 // Each writes out[:, n_begin:n_end].
 namespace scalar {

@@ -114,6 +114,12 @@ bool avx512_usable() {
 
 }  // namespace
 
+float* thread_scratch(std::size_t floats) {
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < floats) scratch.resize(floats);
+  return scratch.data();
+}
+
 std::int64_t m_tile_rows(std::int64_t kpad) {
   constexpr std::int64_t kTileBytes = 1 << 20;
   return std::max<std::int64_t>(1, kTileBytes / (std::max<std::int64_t>(kpad, kLanes) * 4));

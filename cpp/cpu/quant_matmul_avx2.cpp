@@ -21,7 +21,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <vector>
 
 namespace lockstep::cpu::avx2 {
 
@@ -247,23 +246,22 @@ void gemv(const Problem& p, std::int64_t n_begin, std::int64_t n_end) {
 
 template <class F>
 void gemm(const Problem& p, std::int64_t n_begin, std::int64_t n_end) {
-  thread_local std::vector<float> w;
-  w.resize(static_cast<std::size_t>(kTileN * p.kpad));
+  float* w = thread_scratch(static_cast<std::size_t>(kTileN * p.kpad));
   const std::int64_t tile = m_tile_rows(p.kpad);
   for (std::int64_t m0 = 0; m0 < p.M; m0 += tile) {
     const std::int64_t m1 = std::min(p.M, m0 + tile);
     for (std::int64_t n = n_begin; n < n_end; n += kTileN) {
       const int nr = static_cast<int>(std::min<std::int64_t>(kTileN, n_end - n));
       for (int c = 0; c < nr; ++c) {
-        decode_row<F>(p.w + (n + c) * p.row_bytes, p.K, w.data() + c * p.kpad);
+        decode_row<F>(p.w + (n + c) * p.row_bytes, p.K, w + c * p.kpad);
       }
       for (std::int64_t m = m0; m < m1; m += kTileM) {
         const float* x = p.x + m * p.ldx;
         float* out = p.out + m * p.N + n;
         switch (std::min<std::int64_t>(kTileM, m1 - m)) {
-          case 3: dot_tile_n<3>(nr, x, p.ldx, w.data(), p.kpad, out, p.N); break;
-          case 2: dot_tile_n<2>(nr, x, p.ldx, w.data(), p.kpad, out, p.N); break;
-          default: dot_tile_n<1>(nr, x, p.ldx, w.data(), p.kpad, out, p.N); break;
+          case 3: dot_tile_n<3>(nr, x, p.ldx, w, p.kpad, out, p.N); break;
+          case 2: dot_tile_n<2>(nr, x, p.ldx, w, p.kpad, out, p.N); break;
+          default: dot_tile_n<1>(nr, x, p.ldx, w, p.kpad, out, p.N); break;
         }
       }
     }
