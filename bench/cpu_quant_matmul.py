@@ -42,6 +42,9 @@ from gguf.quants import dequantize, quantize
 
 from lockstep import _core
 
+sys.path.insert(0, str(Path(__file__).parent))
+from cpu_e2e import cpu_name  # noqa: E402  (one definition of the machine's name for every bench)
+
 # (name, qtype, N, K) of the default model's linear layers; 30 of each layer per token.
 LAYERS = [("qkv", "Q4_1", 960, 576), ("o", "Q4_1", 576, 576), ("gate_up", "Q4_1", 3072, 576),
           ("down", "Q4_1", 576, 1536)]
@@ -69,16 +72,6 @@ class Row:
     torch_gflops: float
     speedup: float
     max_rel_err: float
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_per_call(fn: Callable[[int], object], calls: int, repeats: int, warmup_s: float) -> float:
