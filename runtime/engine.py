@@ -457,7 +457,7 @@ def cpu_linears(model: LoadedModel, weights, config: EngineConfig, device: torch
     """The native CPU kernel for every matmul of the torch backend on the CPU (None: torch's GEMM)."""
     if device.type != "cpu" or config.cpu_kernels != "native":
         return None
-    blocks = model.quantized
+    blocks = None if model.quantized is None else model.quantized.to("cpu")  # synthetic ones may be on a GPU
     if blocks is None and is_gguf_file(model):
         blocks = load_quantized_gguf(model.source, model.config)
     matrices = with_float_rows(blocks, weights)
