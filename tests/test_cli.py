@@ -94,3 +94,20 @@ def test_prompt_longer_than_the_context(default_model_path: Path) -> None:
 ])
 def test_invalid_sampling_parameters(flags: list[str], field: str) -> None:
     assert_one_line_error(lockstep("generate", *flags, "hi"), field)
+
+
+def test_cpu_kernel_choice_is_logged_and_both_give_the_same_greedy_text(default_model_path: Path) -> None:
+    """--cpu-kernels native (the default) and torch: the same model, so the same greedy reply."""
+    replies = {}
+    for kernels in ("native", "torch"):
+        proc = lockstep("generate", "-v", "--cpu-kernels", kernels, "--threads", "2", "--temperature", "0",
+                        "--max-tokens", "12", "--raw", "The capital of France is")
+        assert proc.returncode == 0, proc.stderr
+        replies[kernels] = proc.stdout
+        assert ("cpu kernels: native" in proc.stderr) == (kernels == "native"), proc.stderr
+    assert replies["native"] == replies["torch"] and replies["native"].strip()
+
+
+def test_options_that_cannot_work_are_refused_in_one_line() -> None:
+    assert_one_line_error(lockstep("generate", "--weights", "quantized", "hi"), "needs --backend triton")
+    assert_one_line_error(lockstep("generate", "--attention", "cuda", "hi"), "--attention cuda")
