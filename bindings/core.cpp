@@ -33,65 +33,6 @@ std::string shape_of(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-// The numpy array behind `obj`, which must be a 2-D, C-contiguous array of `dtype`.
-py::array matrix_arg(const char* name, const py::object& obj, const py::dtype& dtype,
-                     const char* dtype_name) {
-  if (!py::isinstance<py::array>(obj)) {
-    throw py::value_error(std::string(name) + ": expected a numpy.ndarray of " + dtype_name +
-                          ", got " + std::string(py::str(py::type::of(obj).attr("__name__"))) +
-                          " (pass a CPU torch tensor as tensor.numpy())");
-  }
-  auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().equal(dtype)) {
-    throw py::value_error(std::string(name) + ": expected dtype " + dtype_name + ", got " +
-                          std::string(py::str(a.dtype())));
-  }
-  if (a.ndim() != 2) {
-    throw py::value_error(std::string(name) + ": expected a 2-D array, got shape " +
-                          shape_of(a));
-  }
-  if (!(a.flags() & py::array::c_style)) {
-    throw py::value_error(std::string(name) +
-                          ": must be C-contiguous (use numpy.ascontiguousarray or "
-                          "tensor.contiguous())");
-  }
-  return a;
-}
-
-bool overlaps(const py::array& a, const py::array& b) {
-  const auto* a0 = static_cast<const char*>(a.data());
-  const auto* b0 = static_cast<const char*>(b.data());
-  return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
-}
-
-void quant_matmul(const py::object& x_obj, const py::object& w_obj, const std::string& qtype,
-                  const py::object& out_obj, const std::string& isa) {
-  namespace cpu = lockstep::cpu;
-  const py::array x = matrix_arg("x", x_obj, py::dtype::of<float>(), "float32");
-  const py::array w = matrix_arg("w", w_obj, py::dtype::of<std::uint8_t>(), "uint8");
-  py::array out = matrix_arg("out", out_obj, py::dtype::of<float>(), "float32");
-  const cpu::QType q = cpu::parse_qtype(qtype);
-  const cpu::Isa i = cpu::parse_isa(isa);
-  const std::int64_t M = x.shape(0), K = x.shape(1), N = w.shape(0), row_bytes = w.shape(1);
-  if (out.shape(0) != M || out.shape(1) != N) {
-    throw py::value_error("out: expected shape (" + std::to_string(M) + ", " +
-                          std::to_string(N) + ") = (rows of x, rows of w), got " +
-                          shape_of(out));
-  }
-  if (!out.writeable()) throw py::value_error("out: is read-only");
-  if (overlaps(out, x)) throw py::value_error("out: overlaps x in memory");
-  if (overlaps(out, w)) throw py::value_error("out: overlaps w in memory");
-  const auto* xp = static_cast<const float*>(x.data());
-  const auto* wp = static_cast<const std::uint8_t*>(w.data());
-  auto* op = static_cast<float*>(out.mutable_data());
-  // The shape and ISA checks inside throw before any work; the GIL comes back as the
-  // exception unwinds through `release`.
-  py::gil_scoped_release release;
-  cpu::quant_matmul(xp, M, K, wp, N, row_bytes, q, op, i);
-}
-
-// ---- CPU step ops (cpp/cpu/cpu_ops.h): the same checks, for arrays of any rank. ----
-
 // The numpy array behind `obj`: `ndim`-D, of `dtype`, C-contiguous, or, with `strided_rows`,
 // contiguous within each row of dimension 0 and any non-negative whole-element row stride.
 py::array array_arg(const char* name, const py::object& obj, const py::dtype& dtype,
@@ -129,6 +70,40 @@ py::array array_arg(const char* name, const py::object& obj, const py::dtype& dt
   }
   return a;
 }
+
+bool overlaps(const py::array& a, const py::array& b) {
+  const auto* a0 = static_cast<const char*>(a.data());
+  const auto* b0 = static_cast<const char*>(b.data());
+  return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+void quant_matmul(const py::object& x_obj, const py::object& w_obj, const std::string& qtype,
+                  const py::object& out_obj, const std::string& isa) {
+  namespace cpu = lockstep::cpu;
+  const py::array x = array_arg("x", x_obj, py::dtype::of<float>(), "float32", 2);
+  const py::array w = array_arg("w", w_obj, py::dtype::of<std::uint8_t>(), "uint8", 2);
+  py::array out = array_arg("out", out_obj, py::dtype::of<float>(), "float32", 2);
+  const cpu::QType q = cpu::parse_qtype(qtype);
+  const cpu::Isa i = cpu::parse_isa(isa);
+  const std::int64_t M = x.shape(0), K = x.shape(1), N = w.shape(0), row_bytes = w.shape(1);
+  if (out.shape(0) != M || out.shape(1) != N) {
+    throw py::value_error("out: expected shape (" + std::to_string(M) + ", " +
+                          std::to_string(N) + ") = (rows of x, rows of w), got " +
+                          shape_of(out));
+  }
+  if (!out.writeable()) throw py::value_error("out: is read-only");
+  if (overlaps(out, x)) throw py::value_error("out: overlaps x in memory");
+  if (overlaps(out, w)) throw py::value_error("out: overlaps w in memory");
+  const auto* xp = static_cast<const float*>(x.data());
+  const auto* wp = static_cast<const std::uint8_t*>(w.data());
+  auto* op = static_cast<float*>(out.mutable_data());
+  // The shape and ISA checks inside throw before any work; the GIL comes back as the
+  // exception unwinds through `release`.
+  py::gil_scoped_release release;
+  cpu::quant_matmul(xp, M, K, wp, N, row_bytes, q, op, i);
+}
+
+// ---- CPU step ops (cpp/cpu/cpu_ops.h), checked by the same array_arg. ----
 
 void expect_shape(const char* name, const py::array& a, std::initializer_list<py::ssize_t> shape,
                   const char* meaning) {
