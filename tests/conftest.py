@@ -68,3 +68,13 @@ def make_engine(default_model):
         return Engine(default_model, EngineConfig(**config))
 
     return make
+
+
+@pytest.fixture
+def threads():
+    """Sets lockstep._core's pool thread count for one test, and restores it afterwards."""
+    from lockstep import _core
+
+    before = _core.get_num_threads()
+    yield _core.set_num_threads
+    _core.set_num_threads(before)

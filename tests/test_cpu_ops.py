@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from cpu_harness import assert_bitwise_equal
+
 from lockstep import _core
 from lockstep.runtime.model import TorchModel
 
@@ -38,23 +40,6 @@ def assert_close(got: np.ndarray, expected: np.ndarray, tol: str) -> None:
         i = tuple(int(v) for v in where[0])
         raise AssertionError(f"{len(where)} of {bad.size} outputs off the float64 reference; first at {i}: "
                              f"got {got[i]!r}, expected {expected[i]!r} (atol {atol}, rtol {rtol})")
-
-
-def assert_bitwise_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    differ = actual.view(np.uint32) != expected.view(np.uint32)
-    if differ.any():
-        where = np.argwhere(differ)
-        i = tuple(int(v) for v in where[0])
-        raise AssertionError(f"{what}: {len(where)} of {differ.size} elements differ in their bits; "
-                             f"first at {i}: {actual[i]!r} vs {expected[i]!r}")
-
-
-@pytest.fixture
-def threads():
-    """Sets the pool's thread count for one test, and restores it afterwards."""
-    before = _core.get_num_threads()
-    yield _core.set_num_threads
-    _core.set_num_threads(before)
 
 
 # ---- RMSNorm ----

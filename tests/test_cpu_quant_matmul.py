@@ -19,6 +19,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from cpu_harness import assert_bitwise_equal
+
 from lockstep import _core
 
 QTYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
@@ -50,15 +52,6 @@ def matmul(x: np.ndarray, w: np.ndarray, qtype: str, isa: str = "auto") -> np.nd
     return out
 
 
-def assert_bitwise_equal(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
-    differ = actual.view(np.uint32) != expected.view(np.uint32)
-    if differ.any():
-        where = np.argwhere(differ)
-        i = tuple(int(v) for v in where[0])
-        raise AssertionError(f"{what}: {len(where)} of {differ.size} elements differ in their bits; "
-                             f"first at {i}: {actual[i]!r} vs {expected[i]!r}")
-
-
 def assert_matches_reference(got: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
     """Within the worst-case fp32 error of the fixed order: each lane runs ceil(K/32) fmas, the
     lane tree adds 5 levels, and each step rounds by at most 2^-24 of a partial sum, which is
@@ -75,14 +68,6 @@ def assert_matches_reference(got: np.ndarray, x: np.ndarray, w: np.ndarray) -> N
         raise AssertionError(f"{len(where)} of {bad.size} outputs off the float64 reference beyond the "
                              f"fp32 bound; first at {i}: got {got[i]!r}, expected {expected[i]!r}, "
                              f"bound {bound[i]:.3g}")
-
-
-@pytest.fixture
-def threads():
-    """Sets the pool's thread count for one test, and restores it afterwards."""
-    before = _core.get_num_threads()
-    yield _core.set_num_threads
-    _core.set_num_threads(before)
 
 
 # (M, N, K): decode (M = 1), a few rows, a full batch of 64; N = 1, 7, 49 and a vocabulary's
