@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from cpu_harness import assert_bitwise_equal
 
 from lockstep import _core

@@ -18,7 +18,6 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
-
 from cpu_harness import assert_bitwise_equal
 
 from lockstep import _core
