@@ -30,6 +30,9 @@ namespace {
 // One block of 32 weights as two lane vectors: lanes 0..15 and 16..31.
 using Block = __m512[2];
 
+// Own copies of quant_kernels.h's load_u16/load_u32, in this file's anonymous namespace on
+// purpose: an inline function shared through the header and compiled here with -mavx512f could
+// be the copy the linker keeps for the whole module, and then run on a CPU without AVX-512.
 inline std::uint16_t u16_at(const std::uint8_t* p) {
   std::uint16_t v;
   std::memcpy(&v, p, sizeof v);
