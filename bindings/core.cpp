@@ -237,22 +237,24 @@ void rope_and_cache(const py::object& q_obj, const py::object& k_obj, const py::
 }
 
 void paged_attention(const py::object& q_obj, const py::object& k_cache_obj,
-                     const py::object& v_cache_obj, const py::object& spans_obj,
-                     const py::object& context_slots_obj, float scale,
-                     const py::object& out_obj) {
+                     const py::object& v_cache_obj, const py::object& block_tables_obj,
+                     const py::object& query_start_obj, const py::object& seq_lens_obj,
+                     std::int64_t block_size, float scale, const py::object& out_obj) {
   const auto f32 = py::dtype::of<float>();
-  const auto i64 = py::dtype::of<std::int64_t>();
+  const auto i32 = py::dtype::of<std::int32_t>();
   py::array q = array_arg("q", q_obj, f32, "float32", 3, true);
   const py::array k_cache = array_arg("k_cache", k_cache_obj, f32, "float32", 3);
   const py::array v_cache = array_arg("v_cache", v_cache_obj, f32, "float32", 3);
-  const py::array spans = array_arg("spans", spans_obj, i64, "int64", 2);
-  const py::array context_slots = array_arg("context_slots", context_slots_obj, i64, "int64", 1);
+  const py::array block_tables = array_arg("block_tables", block_tables_obj, i32, "int32", 2);
+  const py::array query_start = array_arg("query_start", query_start_obj, i32, "int32", 1);
+  const py::array seq_lens = array_arg("seq_lens", seq_lens_obj, i32, "int32", 1);
   py::array out = array_arg("out", out_obj, f32, "float32", 2);
-  const py::ssize_t T = q.shape(0), Hq = q.shape(1), D = q.shape(2);
+  const py::ssize_t T = q.shape(0), Hq = q.shape(1), D = q.shape(2), S = block_tables.shape(0);
   expect_shape("k_cache", k_cache, {k_cache.shape(0), k_cache.shape(1), D},
                "(slots, kv heads, head_dim of q)");
   expect_shape("v_cache", v_cache, {k_cache.shape(0), k_cache.shape(1), D}, "k_cache's shape");
-  expect_shape("spans", spans, {spans.shape(0), 3}, "(sequences, 3: query_start, query_len, context_len)");
+  expect_shape("query_start", query_start, {S + 1}, "(rows of block_tables + 1,)");
+  expect_shape("seq_lens", seq_lens, {S}, "(rows of block_tables,)");
   expect_shape("out", out, {T, Hq * D}, "(rows of q, heads * head_dim of q)");
   expect_writeable("out", out);
   expect_apart("out", out, "q", q);
@@ -261,13 +263,14 @@ void paged_attention(const py::object& q_obj, const py::object& k_cache_obj,
   const lockstep::cpu::Heads qh = heads_of(q);
   const auto* kp = static_cast<const float*>(k_cache.data());
   const auto* vp = static_cast<const float*>(v_cache.data());
-  const auto* sp = static_cast<const std::int64_t*>(spans.data());
-  const auto* cp = static_cast<const std::int64_t*>(context_slots.data());
+  const lockstep::cpu::PagedBatch batch{static_cast<const std::int32_t*>(block_tables.data()),
+                                        static_cast<const std::int32_t*>(query_start.data()),
+                                        static_cast<const std::int32_t*>(seq_lens.data()), S,
+                                        block_tables.shape(1), block_size};
   auto* op = static_cast<float*>(out.mutable_data());
   const py::ssize_t num_slots = k_cache.shape(0), kv_heads = k_cache.shape(1);
-  const py::ssize_t S = spans.shape(0), C = context_slots.shape(0);
   py::gil_scoped_release release;
-  lockstep::cpu::paged_attention(qh, kp, vp, num_slots, kv_heads, sp, S, cp, C, scale, op);
+  lockstep::cpu::paged_attention(qh, kp, vp, num_slots, kv_heads, batch, scale, op);
 }
 
 }  // namespace
@@ -365,15 +368,17 @@ Rotate-half RoPE of q [T, Hq, D] and k [T, Hkv, D] in place at angles cos/sin[po
 slices of one qkv matmul output); positions, slots: int64 [T], all checked before any write.
 )doc");
   m.def("paged_attention", &paged_attention, py::arg("q"), py::arg("k_cache"),
-        py::arg("v_cache"), py::arg("spans"), py::arg("context_slots"), py::arg("scale"),
-        py::arg("out"), R"doc(
+        py::arg("v_cache"), py::arg("block_tables"), py::arg("query_start"), py::arg("seq_lens"),
+        py::arg("block_size"), py::arg("scale"), py::arg("out"), R"doc(
 Causal GQA attention of each sequence's new queries over its context in the paged KV cache.
 
 q: float32 [T, Hq, D], any row stride; k_cache, v_cache: float32 [num_slots, Hkv, D];
-spans: int64 [S, 3] rows of (query_start, query_len, context_len), query rows in increasing,
-non-overlapping order; context_slots: int64 [sum of context_len], each sequence's cache slots
-in order; out: float32 [T, Hq * D]. The last query of a span sits at the last context slot.
-Each (sequence, head) is computed whole by one thread in a fixed order (cpp/cpu/cpu_ops.cpp),
-so results do not depend on the other sequences or the thread count.
+block_tables: int32 [S, W]; query_start: int32 [S + 1]; seq_lens: int32 [S] (the arrays
+StepPlanner fills); out: float32 [T, Hq * D]. Sequence s owns query rows
+[query_start[s], query_start[s + 1]) (0 rows allowed) and attends causally over its first
+seq_lens[s] positions, position j at slot block_tables[s, j // block_size] * block_size +
+j % block_size; its last query sits at position seq_lens[s] - 1. Rows outside every sequence
+are not written. Each (sequence, head) is computed whole by one thread in a fixed order
+(cpp/cpu/cpu_ops.cpp), so results do not depend on the other sequences or the thread count.
 )doc");
 }

@@ -152,16 +152,23 @@ class TorchModel:
         k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         positions, slots = inputs.positions.numpy(), inputs.slot_mapping.numpy()
-        spans = np.array([(s.start, s.length, s.context_slots.numel()) for s in inputs.spans],
-                         dtype=np.int64).reshape(-1, 3)
-        context = torch.cat([s.context_slots for s in inputs.spans]).numpy()
+        # Each sequence's block table (its first slot in each block), rows and context length.
+        bs, spans = self.kv.block_size, inputs.spans
+        tables = [(s.context_slots[::bs] // bs).numpy() for s in spans]
+        block_tables = np.zeros((len(spans), max((len(t) for t in tables), default=0)), np.int32)
+        for row, table in zip(block_tables, tables):
+            row[:len(table)] = table
+        query_start = np.array([s.start for s in spans] + [spans[-1].start + spans[-1].length if spans else 0],
+                               np.int32)
+        seq_lens = np.array([s.context_slots.numel() for s in spans], np.int32)
         _core.rms_norm(x, views[0].attn_norm, eps, h)
         for layer_idx, layer in enumerate(views):
             matmul(h, layer.wqkv[1], layer.wqkv[0], qkv)
             if layer.bqkv is not None:
                 qkv += layer.bqkv
             _core.rope_and_cache(q, k, v, self._cos, self._sin, positions, slots, layer.k_cache, layer.v_cache)
-            _core.paged_attention(q, layer.k_cache, layer.v_cache, spans, context, self.scale, attn)
+            _core.paged_attention(q, layer.k_cache, layer.v_cache, block_tables, query_start, seq_lens, bs,
+                                  self.scale, attn)
             matmul(attn, layer.wo[1], layer.wo[0], out)
             _core.add_rms_norm(out, x, layer.ffn_norm, eps, h)
             matmul(h, layer.w_gate_up[1], layer.w_gate_up[0], gate_up)

@@ -8,6 +8,8 @@ Inputs are fresh random normals; outputs are poisoned with NaN first, so unwritt
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -126,85 +128,115 @@ def test_rope_and_cache_matches_reference_and_model(tokens: int, heads: int, kv_
 
 # ---- Paged attention ----
 
-def make_batch(seed: int, seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int):
-    """Random q and caches for sequences of (query_len, context_len), contexts at scattered slots."""
-    total_q, total_ctx = sum(n for n, _ in seqs), sum(c for _, c in seqs)
-    num_slots = total_ctx + 11
-    q = normal(seed, total_q, heads, head_dim)
-    k_cache, v_cache = normal(seed + 1, num_slots, kv_heads, head_dim), normal(seed + 2, num_slots, kv_heads, head_dim)
-    order = rng(seed + 3).permutation(num_slots)
-    spans, contexts, start, used = [], [], 0, 0
-    for n, ctx in seqs:
-        spans.append((start, n, ctx))
-        contexts.append(order[used:used + ctx])
-        start, used = start + n, used + ctx
-    return q, k_cache, v_cache, np.array(spans, dtype=np.int64).reshape(-1, 3), contexts
+@dataclass
+class PagedBatch:
+    """What paged_attention reads besides q and the caches, plus each sequence's slots."""
+
+    block_tables: np.ndarray  # int32 [S, W]
+    query_start: np.ndarray  # int32 [S + 1]
+    seq_lens: np.ndarray  # int32 [S]
+    block_size: int
+    slots: list[np.ndarray]  # sequence s's context positions' cache slots, for the reference
+
+    def sequence(self, s: int) -> PagedBatch:
+        """Sequence s alone, its query rows starting at 0."""
+        n = int(self.query_start[s + 1] - self.query_start[s])
+        return PagedBatch(self.block_tables[s:s + 1].copy(), np.array([0, n], np.int32), self.seq_lens[s:s + 1].copy(),
+                          self.block_size, [self.slots[s]])
 
 
-def attention(q, k_cache, v_cache, spans, contexts, scale) -> np.ndarray:
+def make_batch(seed: int, seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, block_size: int = 16):
+    """Random q and caches for sequences of (query_len, context_len), each sequence's blocks scattered
+    over the arena. Block table entries past a sequence's blocks hold -7: they must never be read."""
+    per_seq = [-(-ctx // block_size) for _, ctx in seqs]
+    num_blocks = sum(per_seq) + 3
+    q = normal(seed, sum(n for n, _ in seqs), heads, head_dim)
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    k_cache, v_cache = normal(seed + 1, *shape), normal(seed + 2, *shape)
+    order = rng(seed + 3).permutation(num_blocks).astype(np.int32)
+    tables = np.full((len(seqs), max(per_seq, default=0) + 1), -7, np.int32)
+    slots, used = [], 0
+    for s, ((_, ctx), n_blocks) in enumerate(zip(seqs, per_seq)):
+        tables[s, :n_blocks] = order[used:used + n_blocks]
+        slots.append((tables[s, :n_blocks, None].astype(np.int64) * block_size + np.arange(block_size)).reshape(-1)[:ctx])
+        used += n_blocks
+    query_start = np.concatenate(([0], np.cumsum([n for n, _ in seqs]))).astype(np.int32)
+    seq_lens = np.array([ctx for _, ctx in seqs], np.int32)
+    return q, k_cache, v_cache, PagedBatch(tables, query_start, seq_lens, block_size, slots)
+
+
+def attention(q, k_cache, v_cache, batch: PagedBatch, scale) -> np.ndarray:
     out = np.full((q.shape[0], q.shape[1] * q.shape[2]), np.nan, dtype=np.float32)
-    context = np.concatenate(contexts) if contexts else np.zeros(0, dtype=np.int64)
-    _core.paged_attention(q, k_cache, v_cache, spans, context.astype(np.int64), scale, out)
+    _core.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start, batch.seq_lens,
+                          batch.block_size, scale, out)
     return out
 
 
-def attention_reference(q, k_cache, v_cache, spans, contexts, scale) -> np.ndarray:
+def attention_reference(q, k_cache, v_cache, batch: PagedBatch, scale) -> np.ndarray:
     heads, kv_heads, d = q.shape[1], k_cache.shape[1], q.shape[2]
     out = np.full((q.shape[0], heads * d), np.nan)
-    for (start, n, ctx), slots in zip(spans, contexts):
+    for s, slots in enumerate(batch.slots):
+        start, end, ctx = int(batch.query_start[s]), int(batch.query_start[s + 1]), int(batch.seq_lens[s])
+        n = end - start
+        if n == 0:
+            continue
         k = np.repeat(k_cache[slots].astype(np.float64), heads // kv_heads, axis=1)  # [ctx, heads, d]
         v = np.repeat(v_cache[slots].astype(np.float64), heads // kv_heads, axis=1)
-        qs = q[start:start + n].astype(np.float64)
+        qs = q[start:end].astype(np.float64)
         scores = np.einsum("qhd,khd->hqk", qs, k) * scale
         visible = np.arange(ctx)[None, :] <= (ctx - n + np.arange(n))[:, None]
         scores = np.where(visible[None], scores, -np.inf)
         p = np.exp(scores - scores.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
-        out[start:start + n] = np.einsum("hqk,khd->qhd", p, v).reshape(n, -1)
+        out[start:end] = np.einsum("hqk,khd->qhd", p, v).reshape(n, -1)
     return out
 
 
 SHAPES = [(9, 3, 64), (4, 4, 64), (8, 2, 128), (3, 1, 128)]  # (heads, kv_heads, head_dim): GQA 3, 1, 4, 3
-MIXED = [(1, 1), (1, 17), (1, 300), (5, 5), (7, 17), (30, 300), (1, 2)]
+# (query_len, context_len): decodes, prefill chunks, exactly one block and one more than a block
+MIXED = [(1, 1), (1, 17), (1, 300), (5, 5), (7, 17), (30, 300), (1, 2), (16, 16), (3, 33)]
 
 
 # head_dim 72 and 6 leave a remainder in both the 8-lane dot product and the 16-wide value sum.
 @pytest.mark.parametrize("heads, kv_heads, head_dim", SHAPES + [(2, 1, 72), (3, 3, 6)])
-def test_paged_attention_matches_reference(heads: int, kv_heads: int, head_dim: int) -> None:
-    q, kc, vc, spans, contexts = make_batch(heads * head_dim, MIXED, heads, kv_heads, head_dim)
+@pytest.mark.parametrize("block_size", [16, 1, 5])
+def test_paged_attention_matches_reference(heads: int, kv_heads: int, head_dim: int, block_size: int) -> None:
+    q, kc, vc, batch = make_batch(heads * head_dim, MIXED, heads, kv_heads, head_dim, block_size)
     scale = 1 / math.sqrt(head_dim)
-    assert_close(attention(q, kc, vc, spans, contexts, scale),
-                 attention_reference(q, kc, vc, spans, contexts, scale), "attention")
+    assert_close(attention(q, kc, vc, batch, scale), attention_reference(q, kc, vc, batch, scale), "attention")
 
 
-def test_paged_attention_leaves_rows_outside_spans_and_takes_strided_q() -> None:
-    heads, kv_heads, d = 9, 3, 64
+def test_paged_attention_leaves_rows_outside_sequences_and_takes_strided_q() -> None:
+    heads, kv_heads, d, bs = 9, 3, 64, 4
     qkv = normal(7, 6, (heads + 2 * kv_heads) * d)
     q = qkv[:, :heads * d].reshape(6, heads, d)
     kc, vc = normal(8, 40, kv_heads, d), normal(9, 40, kv_heads, d)
-    spans = np.array([[1, 2, 10], [4, 1, 7]], dtype=np.int64)
-    contexts = [np.arange(10), np.arange(20, 27)]
-    got = attention(q, kc, vc, spans, contexts, 0.125)
-    assert np.isnan(got[[0, 3, 5]]).all(), "wrote rows outside every span"
-    expected = attention_reference(q, kc, vc, spans, contexts, 0.125)
-    assert_close(got[[1, 2, 4]], expected[[1, 2, 4]], "attention")
+    # Rows 1-2, none (query_len 0: its block table is never read), row 3; rows 0, 4 and 5 are no one's.
+    tables = np.array([[0, 1, 2], [-7, -7, -7], [5, 6, -7]], np.int32)
+    batch = PagedBatch(tables, np.array([1, 3, 3, 4], np.int32), np.array([10, 4, 7], np.int32), bs,
+                       [np.arange(10), np.zeros(0, np.int64), np.arange(20, 27)])
+    got = attention(q, kc, vc, batch, 0.125)
+    assert np.isnan(got[[0, 4, 5]]).all(), "wrote rows outside every sequence"
+    expected = attention_reference(q, kc, vc, batch, 0.125)
+    assert_close(got[1:4], expected[1:4], "attention")
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", SHAPES[:3])
 def test_paged_attention_sequence_does_not_depend_on_the_batch(heads: int, kv_heads: int, head_dim: int) -> None:
-    q, kc, vc, spans, contexts = make_batch(5, MIXED, heads, kv_heads, head_dim)
-    batch = attention(q, kc, vc, spans, contexts, 0.1)
-    for (start, n, ctx), slots in zip(spans, contexts):
-        alone = attention(q[start:start + n], kc, vc, np.array([[0, n, ctx]], dtype=np.int64), [slots], 0.1)
-        assert_bitwise_equal(alone, batch[start:start + n], f"sequence at rows {start}..{start + n}")
+    q, kc, vc, batch = make_batch(5, MIXED, heads, kv_heads, head_dim)
+    together = attention(q, kc, vc, batch, 0.1)
+    for s in range(len(MIXED)):
+        start, end = int(batch.query_start[s]), int(batch.query_start[s + 1])
+        alone = attention(q[start:end], kc, vc, batch.sequence(s), 0.1)
+        assert_bitwise_equal(alone, together[start:end], f"sequence at rows {start}..{end}")
 
 
 def test_paged_attention_does_not_depend_on_the_thread_count(threads) -> None:
-    q, kc, vc, spans, contexts = make_batch(11, MIXED * 3, 9, 3, 64)
+    q, kc, vc, batch = make_batch(11, MIXED * 3, 9, 3, 64)
     results = []
     for n in (1, 2, 3):
         threads(n)
-        results.append(attention(q, kc, vc, spans, contexts, 0.125))
+        results.append(attention(q, kc, vc, batch, 0.125))
     assert_bitwise_equal(results[1], results[0], "2 threads vs 1")
     assert_bitwise_equal(results[2], results[0], "3 threads vs 1")
 
@@ -240,21 +272,31 @@ def test_bad_arguments_raise_value_error_naming_them() -> None:
         (lambda: _core.rope_and_cache(q[:, :, ::2], k, v, cos, sin, pos, slots, kc, vc), "q: each row must be C-contiguous"),
     ]
 
-    spans = np.array([[0, 1, 3], [1, 1, 2]], dtype=np.int64)
-    ctx = np.array([0, 1, 2, 3, 4], dtype=np.int64)
+    # kc holds 3 blocks of 2 slots; sequence 0: row 0, 3 positions; sequence 1: row 1, 2 positions.
+    tables, qstart, lens = np.array([[0, 1], [2, -7]], np.int32), np.array([0, 1, 2], np.int32), np.array([3, 2], np.int32)
     o = np.zeros((2, 32), np.float32)
+
+    def attend(tables=tables, qstart=qstart, lens=lens, bs=2, kc=kc, vc=vc, out=o):
+        return lambda: _core.paged_attention(q, kc, vc, tables, qstart, lens, bs, 0.1, out)
+
     cases += [
-        (lambda: _core.paged_attention(q, kc, vc, spans, ctx[:4], 0.1, o), "context_slots: holds 4 slots"),
-        (lambda: _core.paged_attention(q, kc, vc, spans, np.array([0, 1, 2, 3, 6]), 0.1, o), "context_slots: entry 4 is 6"),
-        (lambda: _core.paged_attention(q, kc, vc, np.array([[0, 2, 3], [1, 1, 2]]), ctx, 0.1, o), "spans: row 1"),
-        (lambda: _core.paged_attention(q, kc, vc, np.array([[0, 3, 2], [1, 1, 3]]), ctx, 0.1, o), "spans: row 0 needs"),
-        (lambda: _core.paged_attention(q, np.zeros((6, 3, 8), np.float32), np.zeros((6, 3, 8), np.float32),
-                                       spans, ctx, 0.1, o), "kv heads do not divide"),
-        (lambda: _core.paged_attention(q, kc, vc, spans[:, :2].copy(), ctx, 0.1, o), "spans: expected shape"),
-        (lambda: _core.paged_attention(q, kc, vc, spans, ctx, 0.1, np.zeros((2, 31), np.float32)), "out: expected shape"),
+        (attend(tables=np.array([[0, 3], [2, -7]], np.int32)), "block_tables: row 0, entry 1 is 3, outside [0, 3)"),
+        (attend(tables=np.array([[0, 1], [-1, 0]], np.int32)), "block_tables: row 1, entry 0 is -1"),
+        (attend(bs=3), "block_tables: row 1, entry 0 is 2, outside [0, 2)"),  # 6 slots hold 2 blocks of 3
+        (attend(bs=0), "block_size: must be >= 1"),
+        (attend(qstart=np.array([0, 2, 1], np.int32)), "query_start: entry 2 is 1, less than entry 1"),
+        (attend(qstart=np.array([0, 1, 3], np.int32)), "query_start: entry 2 is 3, past q's 2 rows"),
+        (attend(qstart=np.array([-1, 1, 2], np.int32)), "query_start: entry 0 is -1"),
+        (attend(qstart=np.array([0, 2, 2], np.int32), lens=np.array([1, 2], np.int32)), "seq_lens: entry 0 is 1, outside"),
+        (attend(lens=np.array([5, 2], np.int32)), "seq_lens: entry 0 is 5, outside [query_len 1, 4"),
+        (attend(kc=np.zeros((6, 3, 8), np.float32), vc=np.zeros((6, 3, 8), np.float32)), "kv heads do not divide"),
+        (attend(tables=tables.astype(np.int64)), "block_tables: expected dtype int32"),
+        (attend(qstart=qstart[:2].copy()), "query_start: expected shape (3,)"),
+        (attend(lens=np.array([3, 2, 1], np.int32)), "seq_lens: expected shape (2,)"),
+        (attend(out=np.zeros((2, 31), np.float32)), "out: expected shape"),
     ]
     for call, message in cases:
-        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        with pytest.raises(ValueError, match=re.escape(message)):
             call()
     assert_bitwise_equal(kc, kc0, "k_cache after rejected calls")
 

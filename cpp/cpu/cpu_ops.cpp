@@ -118,20 +118,36 @@ void check_dims(std::int64_t T, std::int64_t H) {
 // from the step's last matmul join regardless.
 constexpr double kWakeWork = 1 << 18;
 
+[[noreturn]] void out_of_range(const std::string& where, std::int64_t value, std::int64_t limit,
+                               const char* what) {
+  throw std::invalid_argument(where + " is " + std::to_string(value) + ", outside [0, " +
+                              std::to_string(limit) + ") " + what);
+}
+
 void check_index(const char* name, std::int64_t i, std::int64_t value, std::int64_t limit,
                  const char* what) {
   if (value < 0 || value >= limit) {
-    throw std::invalid_argument(std::string(name) + ": entry " + std::to_string(i) + " is " +
-                                std::to_string(value) + ", outside [0, " +
-                                std::to_string(limit) + ") " + what);
+    out_of_range(std::string(name) + ": entry " + std::to_string(i), value, limit, what);
+  }
+}
+
+// The cache slots of a sequence's first `ctx` positions, read off its block table row.
+void expand_slots(const std::int32_t* table, std::int64_t block_size, std::int64_t ctx,
+                  std::vector<std::int64_t>& slots) {
+  slots.resize(static_cast<std::size_t>(ctx));
+  for (std::int64_t j = 0; j < ctx; j += block_size) {
+    const std::int64_t base = static_cast<std::int64_t>(table[j / block_size]) * block_size;
+    const std::int64_t end = std::min(ctx, j + block_size);
+    for (std::int64_t p = j; p < end; ++p) slots[p] = base + (p - j);
   }
 }
 
 // One (sequence, head): every query of the sequence, its keys and values from kv head `g`.
+// Query rows [start, start + len), context positions at slots[0..ctx).
 void attend(const Heads& q, const float* k_cache, const float* v_cache, std::int64_t kv_heads,
-            const std::int64_t* span, const std::int64_t* slots, std::int64_t h,
-            float scale, float* out, std::vector<float>& scores) {
-  const std::int64_t D = q.head_dim, start = span[0], len = span[1], ctx = span[2];
+            std::int64_t start, std::int64_t len, std::int64_t ctx, const std::int64_t* slots,
+            std::int64_t h, float scale, float* out, std::vector<float>& scores) {
+  const std::int64_t D = q.head_dim;
   const std::int64_t g = h / (q.heads / kv_heads);
   const std::int64_t out_stride = q.heads * D;
   scores.resize(static_cast<std::size_t>(ctx));
@@ -212,55 +228,61 @@ void rope_and_cache(Heads q, Heads k, Heads v, const float* cos, const float* si
 }
 
 void paged_attention(Heads q, const float* k_cache, const float* v_cache,
-                     std::int64_t num_slots, std::int64_t kv_heads, const std::int64_t* spans,
-                     std::int64_t S, const std::int64_t* context_slots, std::int64_t C,
+                     std::int64_t num_slots, std::int64_t kv_heads, const PagedBatch& batch,
                      float scale, float* out) {
   if (kv_heads < 1 || q.heads % kv_heads != 0) {
     throw std::invalid_argument("k_cache: " + std::to_string(kv_heads) +
                                 " kv heads do not divide q's " + std::to_string(q.heads) +
                                 " heads");
   }
-  // Where each sequence's context starts in context_slots, checking every span first.
-  std::vector<std::int64_t> offset(static_cast<std::size_t>(S) + 1, 0);
-  std::int64_t next_row = 0;
+  const std::int64_t S = batch.S, W = batch.W, bs = batch.block_size;
+  if (bs < 1) throw std::invalid_argument("block_size: must be >= 1, got " + std::to_string(bs));
+  const std::int32_t* qs = batch.query_start;
+  if (qs[0] < 0) {
+    throw std::invalid_argument("query_start: entry 0 is " + std::to_string(qs[0]) +
+                                ", a row before q's first");
+  }
+  // Every sequence's rows, length and blocks, checked before any work.
+  const std::int64_t cache_blocks = num_slots / bs;
   double work = 0;
   for (std::int64_t s = 0; s < S; ++s) {
-    const std::int64_t start = spans[3 * s], len = spans[3 * s + 1], ctx = spans[3 * s + 2];
-    const std::string at = "spans: row " + std::to_string(s) + " ";
-    if (len < 1 || ctx < len) {
-      throw std::invalid_argument(at + "needs 1 <= query_len <= context_len, got query_len " +
-                                  std::to_string(len) + ", context_len " + std::to_string(ctx));
+    const std::int64_t len = std::int64_t{qs[s + 1]} - qs[s], ctx = batch.seq_lens[s];
+    if (len < 0) {
+      throw std::invalid_argument("query_start: entry " + std::to_string(s + 1) + " is " +
+                                  std::to_string(qs[s + 1]) + ", less than entry " +
+                                  std::to_string(s) + " (" + std::to_string(qs[s]) + ")");
     }
-    if (start < next_row || start + len > q.rows) {
-      throw std::invalid_argument(at + "takes query rows [" + std::to_string(start) + ", " +
-                                  std::to_string(start + len) +
-                                  "), which overlap an earlier span or pass q's " +
+    if (qs[s + 1] > q.rows) {
+      throw std::invalid_argument("query_start: entry " + std::to_string(s + 1) + " is " +
+                                  std::to_string(qs[s + 1]) + ", past q's " +
                                   std::to_string(q.rows) + " rows");
     }
-    next_row = start + len;
-    offset[s + 1] = offset[s] + ctx;
-    if (offset[s + 1] > C) {
-      throw std::invalid_argument("context_slots: holds " + std::to_string(C) +
-                                  " slots, fewer than the spans' context lengths add up to");
+    if (ctx < len || ctx > W * bs) {
+      throw std::invalid_argument("seq_lens: entry " + std::to_string(s) + " is " +
+                                  std::to_string(ctx) + ", outside [query_len " +
+                                  std::to_string(len) + ", " + std::to_string(W * bs) +
+                                  " = block_tables' columns * block_size]");
+    }
+    const std::int32_t* row = batch.block_tables + s * W;
+    for (std::int64_t b = 0; len > 0 && b * bs < ctx; ++b) {
+      if (row[b] < 0 || row[b] >= cache_blocks) {
+        out_of_range("block_tables: row " + std::to_string(s) + ", entry " + std::to_string(b),
+                     row[b], cache_blocks, "(blocks of k_cache)");
+      }
     }
     work += static_cast<double>(len) * ctx * q.heads * q.head_dim;
-  }
-  if (offset[S] != C) {
-    throw std::invalid_argument("context_slots: holds " + std::to_string(C) +
-                                " slots, but the spans' context lengths add up to " +
-                                std::to_string(offset[S]));
-  }
-  for (std::int64_t c = 0; c < C; ++c) {
-    check_index("context_slots", c, context_slots[c], num_slots, "(slots of k_cache)");
   }
   if (S == 0) return;
 
   const std::int64_t heads = q.heads;
   ThreadPool::instance().run(static_cast<int>(S * heads), [&](int chunk) {
     thread_local std::vector<float> scores;
+    thread_local std::vector<std::int64_t> slots;
     const std::int64_t s = chunk / heads, h = chunk % heads;
-    attend(q, k_cache, v_cache, kv_heads, spans + 3 * s, context_slots + offset[s], h, scale,
-           out, scores);
+    const std::int64_t start = qs[s], len = qs[s + 1] - start, ctx = batch.seq_lens[s];
+    if (len == 0) return;
+    expand_slots(batch.block_tables + s * W, bs, ctx, slots);
+    attend(q, k_cache, v_cache, kv_heads, start, len, ctx, slots.data(), h, scale, out, scores);
   }, work >= kWakeWork);
 }
 

@@ -40,18 +40,28 @@ void rope_and_cache(Heads q, Heads k, Heads v, const float* cos, const float* si
                     std::int64_t P, const std::int64_t* positions, const std::int64_t* slots,
                     float* k_cache, float* v_cache, std::int64_t num_slots);
 
+// A step's sequences as the step planner lays them out (cpp/step_planner.h): sequence s owns
+// query rows [query_start[s], query_start[s + 1]) and its context is its first seq_lens[s]
+// positions, position j at cache slot block_tables[s * W + j / block_size] * block_size +
+// j % block_size. Entries of a row past the blocks its seq_len needs are never read.
+struct PagedBatch {
+  const std::int32_t* block_tables;  // [S, W]
+  const std::int32_t* query_start;   // [S + 1]
+  const std::int32_t* seq_lens;      // [S]
+  std::int64_t S;
+  std::int64_t W;
+  std::int64_t block_size;
+};
+
 // Causal GQA attention of each sequence's new queries over its context in the paged cache.
-// spans: S rows of (query_start, query_len, context_len); sequence s owns query rows
-// [query_start, query_start + query_len) of q, and its context is the next context_len entries
-// of context_slots (sequences in order). Query i of a sequence sits at context position
-// context_len - query_len + i and attends to context positions 0..that one.
+// Query i of a sequence with query_len = query_start[s + 1] - query_start[s] sits at position
+// seq_len - query_len + i and attends to positions 0..that one:
 //   out[t, h*D:(h+1)*D] = sum_j softmax_j(scale * q[t, h] . k[j, h / (Hq / Hkv)]) v[j, h / ...]
-// out is [T, Hq * D], C-contiguous; rows outside every span are not written. Spans must take
-// query rows in increasing, non-overlapping order. Throws std::invalid_argument, before any
+// out is [T, Hq * D], C-contiguous; rows outside every sequence are not written, and a
+// sequence with query_len 0 contributes nothing. Throws std::invalid_argument, before any
 // work, if an index is out of range.
 void paged_attention(Heads q, const float* k_cache, const float* v_cache,
-                     std::int64_t num_slots, std::int64_t kv_heads, const std::int64_t* spans,
-                     std::int64_t S, const std::int64_t* context_slots, std::int64_t C,
+                     std::int64_t num_slots, std::int64_t kv_heads, const PagedBatch& batch,
                      float scale, float* out);
 
 }  // namespace lockstep::cpu
