@@ -273,6 +273,22 @@ void paged_attention(const py::object& q_obj, const py::object& k_cache_obj,
   lockstep::cpu::paged_attention(qh, kp, vp, num_slots, kv_heads, batch, scale, op);
 }
 
+// ---- Block allocator: the prefix cache's token arrays ----
+
+std::pair<BlockAllocator::Handle, std::int64_t> new_sequence_cached(BlockAllocator& a,
+                                                                    const py::object& tokens_obj) {
+  const py::array tokens =
+      array_arg("tokens", tokens_obj, py::dtype::of<std::int64_t>(), "int64", 1);
+  return a.new_sequence_cached(static_cast<const std::int64_t*>(tokens.data()), tokens.shape(0));
+}
+
+void publish(BlockAllocator& a, BlockAllocator::Handle h, const py::object& tokens_obj,
+             std::int64_t num_computed) {
+  const py::array tokens =
+      array_arg("tokens", tokens_obj, py::dtype::of<std::int64_t>(), "int64", 1);
+  a.publish(h, static_cast<const std::int64_t*>(tokens.data()), tokens.shape(0), num_computed);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -288,12 +304,39 @@ Forks share blocks by refcount in O(1); a shared, partial tail block is copied b
 written (append returns the copies to do). Allocation is deterministic: a fresh allocator
 hands out 0, 1, 2, ...; freed blocks are reused last-freed-first; truncate and free release
 from the tail backwards.
+
+With prefix_cache=True, full blocks that publish() registers are shared across requests:
+new_sequence_cached(prompt) adopts the longest registered chain matching the prompt. A cached
+block nobody holds stays cached until an append needs it (least recently released first);
+num_free_blocks() counts it as free.
 )doc")
-      .def(py::init<std::int64_t, std::int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
+      .def(py::init<std::int64_t, std::int64_t, bool>(), py::arg("num_blocks"),
+           py::arg("block_size"), py::arg("prefix_cache") = false)
       .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
       .def_property_readonly("block_size", &BlockAllocator::block_size)
+      .def_property_readonly("prefix_cache", &BlockAllocator::prefix_cache)
       .def("new_sequence", &BlockAllocator::new_sequence,
            "Handle of a new, empty sequence (0 tokens, 0 blocks).")
+      .def("new_sequence_cached", &new_sequence_cached, py::arg("tokens"), R"doc(
+(handle, cached_tokens): a new sequence holding the longest chain of published blocks that
+matches tokens (numpy int64 [n]), at most (n - 1) // block_size blocks, so at least the last
+token is left to compute. cached_tokens is a multiple of block_size; the caller appends the
+rest. Without the prefix cache: (new_sequence(), 0).
+)doc")
+      .def("publish", &publish, py::arg("h"), py::arg("tokens"), py::arg("num_computed"), R"doc(
+Registers h's full blocks that lie within its first num_computed tokens (their KV written)
+for later requests to adopt; tokens: numpy int64, h's tokens (at least num_computed of them).
+A block whose tokens and parent another block already holds stays unshared. Cheap to repeat:
+only blocks not yet published are looked at. Does nothing without the prefix cache.
+)doc")
+      .def("clear_prefix_cache", &BlockAllocator::clear_prefix_cache,
+           "Unregisters every cached block; those no sequence holds return to the free list.")
+      .def("num_cached_blocks", &BlockAllocator::num_cached_blocks,
+           "Blocks registered in the prefix cache, held by a sequence or not.")
+      .def("prefix_queries", &BlockAllocator::prefix_queries,
+           "Prompt tokens new_sequence_cached could have matched ((n - 1) // block_size blocks each).")
+      .def("prefix_hits", &BlockAllocator::prefix_hits,
+           "Prompt tokens new_sequence_cached matched.")
       .def("blocks_needed", &BlockAllocator::blocks_needed, py::arg("h"), py::arg("n"),
            "Free blocks append(h, n) would take, counting a copy-on-write copy.")
       .def("append", &BlockAllocator::append, py::arg("h"), py::arg("n"),
@@ -310,11 +353,13 @@ from the tail backwards.
            "h's blocks in order: ceil(num_tokens / block_size) of them.")
       .def("refcount", &BlockAllocator::refcount, py::arg("block"),
            "Number of live sequences whose block table holds this block.")
-      .def("num_free_blocks", &BlockAllocator::num_free_blocks)
+      .def("num_free_blocks", &BlockAllocator::num_free_blocks,
+           "Blocks an append can take: free ones plus cached ones no sequence holds.")
       .def("num_sequences", &BlockAllocator::num_sequences)
       .def("__repr__", [](const BlockAllocator& a) {
         return "BlockAllocator(num_blocks=" + std::to_string(a.num_blocks()) +
                ", block_size=" + std::to_string(a.block_size()) +
+               (a.prefix_cache() ? ", cached=" + std::to_string(a.num_cached_blocks()) : "") +
                ", free=" + std::to_string(a.num_free_blocks()) +
                ", sequences=" + std::to_string(a.num_sequences()) + ")";
       });

@@ -1,5 +1,6 @@
 #include "block_allocator.h"
 
+#include <algorithm>
 #include <limits>
 
 namespace lockstep {
@@ -28,10 +29,12 @@ void check_count(const char* name, std::int64_t value) {
 
 }  // namespace
 
-BlockAllocator::BlockAllocator(std::int64_t num_blocks, std::int64_t block_size)
-    : num_blocks_(num_blocks), block_size_(block_size) {
+BlockAllocator::BlockAllocator(std::int64_t num_blocks, std::int64_t block_size,
+                               bool prefix_cache)
+    : num_blocks_(num_blocks), block_size_(block_size), prefix_cache_(prefix_cache) {
   check_dimension("num_blocks", num_blocks);
   check_dimension("block_size", block_size);
+  if (prefix_cache) index_ = PrefixIndex(num_blocks, block_size);
   const auto n = static_cast<std::size_t>(num_blocks);
   prev_.assign(n, kNone);
   jump_.assign(n, kNone);
@@ -65,15 +68,27 @@ std::int64_t BlockAllocator::needed(const Sequence& s, std::int64_t n) const {
   // Written as (n - room - 1) / bs + 1 rather than a ceil of (tokens + n) so that a huge n
   // cannot overflow; it just asks for more blocks than the arena has.
   const std::int64_t fresh = n <= room ? 0 : (n - room - 1) / block_size_ + 1;
+  return fresh + (needs_copy(s) ? 1 : 0);
+}
+
+bool BlockAllocator::needs_copy(const Sequence& s) const {
   // The next token lands in the partial tail block; if another sequence can see that
-  // block, writing it in place would change that sequence's KV.
-  const std::int64_t cow = (used != 0 && node_refs_[s.tail] > 1) ? 1 : 0;
-  return fresh + cow;
+  // block, or a future request can adopt it, writing it in place would change their KV.
+  return s.tokens % block_size_ != 0 && (node_refs_[s.tail] > 1 || index_.contains(s.tail));
 }
 
 BlockAllocator::Block BlockAllocator::make_node(Block prev) {
-  const Block b = free_.back();
-  free_.pop_back();
+  Block b;
+  if (!free_.empty()) {
+    b = free_.back();
+    free_.pop_back();
+  } else {
+    // Its KV is given up: the oldest evictable node has no children (see the header), so
+    // nothing else names it, and it leaves the index before it is reused.
+    b = index_.oldest_evictable();
+    index_.remove_evictable(b);
+    index_.erase(b);
+  }
   prev_[b] = prev;
   if (prev == kNone) {
     depth_[b] = 0;
@@ -90,11 +105,24 @@ BlockAllocator::Block BlockAllocator::make_node(Block prev) {
   return b;
 }
 
+void BlockAllocator::hold(Block node) {
+  // A node going from zero to one reference was evictable; live again, it holds its
+  // predecessor again, which may have been evictable too.
+  while (node != kNone && node_refs_[node]++ == 0) {
+    index_.remove_evictable(node);
+    node = prev_[node];
+  }
+}
+
 void BlockAllocator::release(Block node) {
   // A node that reaches zero references also drops its hold on its predecessor, so a
   // chain only this sequence used unwinds here, tail first.
   while (node != kNone && --node_refs_[node] == 0) {
-    free_.push_back(node);
+    if (index_.contains(node)) {
+      index_.push_evictable(node);
+    } else {
+      free_.push_back(node);
+    }
     node = prev_[node];
   }
 }
@@ -134,14 +162,14 @@ std::vector<BlockAllocator::Copy> BlockAllocator::append(Handle h, std::int64_t 
   if (n == 0) return copies;
 
   std::int64_t fresh = need;
-  if (s.tokens % block_size_ != 0 && node_refs_[s.tail] > 1) {
+  Block copied = kNone;
+  if (needs_copy(s)) {
     // Copy-on-write: a private node in the tail's place, after the tail's predecessor.
-    const Block old = s.tail;
-    const Block prev = prev_[old];
+    copied = s.tail;
+    const Block prev = prev_[copied];
     const Block copy = make_node(prev);
-    if (prev != kNone) ++node_refs_[prev];  // the copy is a new child of prev
-    --node_refs_[old];                      // still > 0: someone else holds it
-    copies.emplace_back(old, copy);
+    hold(prev);  // the copy is a new child of prev
+    copies.emplace_back(copied, copy);
     s.tail = copy;
     --fresh;
   }
@@ -150,13 +178,16 @@ std::vector<BlockAllocator::Copy> BlockAllocator::append(Handle h, std::int64_t 
     // old tail's count is unchanged.
     s.tail = make_node(s.tail);
   }
+  // Let go of the copied block last: if it is cached and now unheld it becomes evictable,
+  // and this append must not hand it out again before the caller has copied it.
+  release(copied);
   s.tokens += n;
   return copies;
 }
 
 BlockAllocator::Handle BlockAllocator::fork(Handle h) {
   const Sequence parent = lookup(h);
-  if (parent.tail != kNone) ++node_refs_[parent.tail];
+  hold(parent.tail);
   const Handle child = next_handle_++;
   seqs_.emplace(child, parent);
   return child;
@@ -174,16 +205,74 @@ void BlockAllocator::truncate(Handle h, std::int64_t n_tokens) {
     // frees at most the tail itself and blocks leave in tail-first order.
     const Block old = s.tail;
     s.tail = prev_[old];
-    if (s.tail != kNone) ++node_refs_[s.tail];
+    hold(s.tail);
     release(old);
   }
   s.tokens = n_tokens;
+  s.published = std::min(s.published, n_tokens / block_size_);
 }
 
 void BlockAllocator::free(Handle h) {
   const Sequence& s = lookup(h);
   release(s.tail);
   seqs_.erase(h);
+}
+
+std::pair<BlockAllocator::Handle, std::int64_t> BlockAllocator::new_sequence_cached(
+    const std::int64_t* tokens, std::int64_t n) {
+  check_count("n", n);
+  const Handle h = new_sequence();
+  if (!prefix_cache_ || n == 0) return {h, 0};
+  const std::int64_t most = (n - 1) / block_size_;
+  Block tail = kNone;
+  std::int64_t matched = 0;
+  for (; matched < most; ++matched) {
+    const Block next = index_.find(tail, tokens + matched * block_size_);
+    if (next == kNone) break;
+    tail = next;
+  }
+  hold(tail);
+  Sequence& s = seqs_[h];
+  s.tail = tail;
+  s.tokens = matched * block_size_;
+  s.published = matched;
+  prefix_queries_ += most * block_size_;
+  prefix_hits_ += s.tokens;
+  return {h, s.tokens};
+}
+
+void BlockAllocator::publish(Handle h, const std::int64_t* tokens, std::int64_t n,
+                             std::int64_t num_computed) {
+  Sequence& s = lookup(h);
+  check_count("num_computed", num_computed);
+  if (num_computed > s.tokens || num_computed > n) {
+    throw std::invalid_argument("num_computed=" + std::to_string(num_computed) +
+                                " is beyond the sequence length " + std::to_string(s.tokens) +
+                                " or the " + std::to_string(n) + " tokens given");
+  }
+  const std::int64_t full = num_computed / block_size_;
+  if (!prefix_cache_ || full <= s.published) return;
+  // The nodes not yet looked at, read backwards from the tail, then registered root first:
+  // a block is only registered once its parent is.
+  scratch_.clear();
+  Block node = ancestor_at(s.tail, static_cast<std::int32_t>(full - 1));
+  for (std::int64_t d = full - 1; d >= s.published; --d, node = prev_[node]) scratch_.push_back(node);
+  for (auto it = scratch_.rbegin(); it != scratch_.rend(); ++it) {
+    const Block parent = prev_[*it];
+    if (index_.contains(*it) || (parent != kNone && !index_.contains(parent))) continue;
+    index_.insert(parent, tokens + depth_[*it] * block_size_, *it);  // a taken key: not shared
+  }
+  s.published = full;
+}
+
+void BlockAllocator::clear_prefix_cache() {
+  // Least recently evictable first, so the most recent is the first handed out again.
+  for (Block b = index_.oldest_evictable(); b != kNone; b = index_.oldest_evictable()) {
+    index_.remove_evictable(b);
+    free_.push_back(b);
+  }
+  index_.clear();
+  for (auto& entry : seqs_) entry.second.published = 0;
 }
 
 std::int64_t BlockAllocator::num_tokens(Handle h) const { return lookup(h).tokens; }
