@@ -17,6 +17,7 @@
 #include "cpu/cpu_ops.h"
 #include "cpu/quant_matmul.h"
 #include "cpu/thread_pool.h"
+#include "step_planner.h"
 
 namespace py = pybind11;
 using lockstep::BlockAllocator;
@@ -289,6 +290,68 @@ void publish(BlockAllocator& a, BlockAllocator::Handle h, const py::object& toke
   a.publish(h, static_cast<const std::int64_t*>(tokens.data()), tokens.shape(0), num_computed);
 }
 
+// ---- Step planner: the caller's arrays, checked once and held for the planner's life. ----
+
+class PyStepPlanner {
+ public:
+  PyStepPlanner(const BlockAllocator& allocator, const py::object& token_ids,
+                const py::object& positions, const py::object& slot_mapping,
+                const py::object& block_tables, const py::object& seq_lens,
+                const py::object& query_start, std::int64_t null_block)
+      : arrays_{array_arg("token_ids", token_ids, i64(), "int64", 1),
+                array_arg("positions", positions, i64(), "int64", 1),
+                array_arg("slot_mapping", slot_mapping, i64(), "int64", 1),
+                array_arg("block_tables", block_tables, i32(), "int32", 2),
+                array_arg("seq_lens", seq_lens, i32(), "int32", 1),
+                array_arg("query_start", query_start, i32(), "int32", 1)},
+        planner_(allocator, step_arrays(), null_block) {}
+
+  void plan(const py::object& handles_obj, const py::object& starts_obj,
+            const py::object& counts_obj, const py::object& tokens_obj,
+            std::int64_t num_seqs_padded, std::int64_t num_tokens_padded) {
+    const py::array handles = array_arg("handles", handles_obj, i64(), "int64", 1);
+    const py::array starts = array_arg("starts", starts_obj, i64(), "int64", 1);
+    const py::array counts = array_arg("counts", counts_obj, i64(), "int64", 1);
+    const py::array tokens = array_arg("tokens", tokens_obj, i64(), "int64", 1);
+    const py::ssize_t S = handles.shape(0);
+    expect_shape("starts", starts, {S}, "(sequences in handles,)");
+    expect_shape("counts", counts, {S}, "(sequences in handles,)");
+    planner_.plan(data(handles), data(starts), data(counts), S, data(tokens), tokens.shape(0),
+                  num_seqs_padded, num_tokens_padded);
+  }
+
+ private:
+  static py::dtype i64() { return py::dtype::of<std::int64_t>(); }
+  static py::dtype i32() { return py::dtype::of<std::int32_t>(); }
+  static const std::int64_t* data(const py::array& a) {
+    return static_cast<const std::int64_t*>(a.data());
+  }
+
+  // Checks the shapes against token_ids' and block_tables' (the capacities), then points the
+  // planner at the arrays; runs once, in the constructor.
+  lockstep::StepArrays step_arrays() {
+    const char* names[] = {"token_ids", "positions", "slot_mapping", "block_tables", "seq_lens",
+                           "query_start"};
+    auto& [token_ids, positions, slot_mapping, block_tables, seq_lens, query_start] = arrays_;
+    const py::ssize_t max_tokens = token_ids.shape(0), max_seqs = block_tables.shape(0);
+    expect_shape("positions", positions, {max_tokens}, "token_ids' shape");
+    expect_shape("slot_mapping", slot_mapping, {max_tokens}, "token_ids' shape");
+    expect_shape("seq_lens", seq_lens, {max_seqs}, "(rows of block_tables,)");
+    expect_shape("query_start", query_start, {max_seqs + 1}, "(rows of block_tables + 1,)");
+    for (std::size_t i = 0; i < std::size(arrays_); ++i) {
+      expect_writeable(names[i], arrays_[i]);
+      for (std::size_t j = 0; j < i; ++j) expect_apart(names[i], arrays_[i], names[j], arrays_[j]);
+    }
+    auto i64p = [](py::array& a) { return static_cast<std::int64_t*>(a.mutable_data()); };
+    auto i32p = [](py::array& a) { return static_cast<std::int32_t*>(a.mutable_data()); };
+    return {i64p(token_ids), i64p(positions), i64p(slot_mapping), i32p(block_tables),
+            i32p(seq_lens), i32p(query_start), max_tokens, max_seqs, block_tables.shape(1)};
+  }
+
+  py::array arrays_[6];  // holding them keeps the memory the planner writes alive
+  lockstep::StepPlanner planner_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -363,6 +426,34 @@ only blocks not yet published are looked at. Does nothing without the prefix cac
                ", free=" + std::to_string(a.num_free_blocks()) +
                ", sequences=" + std::to_string(a.num_sequences()) + ")";
       });
+
+  py::class_<PyStepPlanner>(m, "StepPlanner", R"doc(
+Fills one step's preallocated metadata arrays for the whole batch in one call.
+
+The arrays are allocated once by the caller (the largest bucket's size) and held here:
+token_ids, positions, slot_mapping: int64 [max_tokens]; block_tables: int32 [max_seqs, W];
+seq_lens: int32 [max_seqs]; query_start: int32 [max_seqs + 1]. null_block is the arena's
+scratch block for padding (>= allocator.num_blocks; allocator.num_blocks is the usual one).
+)doc")
+      .def(py::init<const BlockAllocator&, const py::object&, const py::object&,
+                    const py::object&, const py::object&, const py::object&, const py::object&,
+                    std::int64_t>(),
+           py::arg("allocator"), py::arg("token_ids"), py::arg("positions"),
+           py::arg("slot_mapping"), py::arg("block_tables"), py::arg("seq_lens"),
+           py::arg("query_start"), py::arg("null_block"), py::keep_alive<1, 2>())
+      .def("plan", &PyStepPlanner::plan, py::arg("handles"), py::arg("starts"),
+           py::arg("counts"), py::arg("tokens"), py::arg("num_seqs_padded"),
+           py::arg("num_tokens_padded"), R"doc(
+Writes the step for S sequences (handles, starts, counts: int64 [S]; tokens: int64
+[sum(counts)]), padded to num_seqs_padded sequences and num_tokens_padded rows.
+
+Sequence s owns rows query_start[s] .. + counts[s] - 1 (consecutive, in order), at
+positions starts[s] + i, with their cache slots in slot_mapping; block_tables[s] starts with
+its blocks for its first seq_lens[s] = starts[s] + counts[s] tokens, which the allocator must
+hold. Each padded sequence owns one row (token 0, position 0, the null block's first slot,
+seq_len 1, block_tables[s, 0] = null_block); rows after those are padding in no sequence.
+Malformed arguments raise ValueError naming the argument, with nothing written.
+)doc");
 
   m.def("quant_matmul", &quant_matmul, py::arg("x"), py::arg("w"), py::arg("qtype"),
         py::arg("out"), py::arg("isa") = "auto", R"doc(

@@ -278,14 +278,23 @@ void BlockAllocator::clear_prefix_cache() {
 std::int64_t BlockAllocator::num_tokens(Handle h) const { return lookup(h).tokens; }
 
 std::vector<BlockAllocator::Block> BlockAllocator::block_table(Handle h) const {
-  const Sequence& s = lookup(h);
-  std::vector<Block> table(static_cast<std::size_t>(blocks_for(s.tokens)));
-  Block node = s.tail;
-  for (auto it = table.rbegin(); it != table.rend(); ++it) {
-    *it = node;
-    node = prev_[node];
-  }
+  const std::int64_t tokens = num_tokens(h);
+  std::vector<Block> table(static_cast<std::size_t>(blocks_for(tokens)));
+  write_block_table(h, tokens, table.data());
   return table;
+}
+
+void BlockAllocator::write_block_table(Handle h, std::int64_t n_tokens, Block* out) const {
+  const Sequence& s = lookup(h);
+  if (n_tokens < 0 || n_tokens > s.tokens) {
+    throw std::invalid_argument("n_tokens=" + std::to_string(n_tokens) +
+                                " is outside the sequence length [0, " +
+                                std::to_string(s.tokens) + "]");
+  }
+  const std::int64_t n = blocks_for(n_tokens);
+  if (n == 0) return;
+  Block node = ancestor_at(s.tail, static_cast<std::int32_t>(n - 1));
+  for (std::int64_t i = n - 1; i >= 0; --i, node = prev_[node]) out[i] = node;
 }
 
 std::int64_t BlockAllocator::refcount(std::int64_t block) const {

@@ -128,8 +128,12 @@ class BlockAllocator {
   // Releases all of h's blocks, tail first, and forgets the handle.
   void free(Handle h);
 
+  bool has_sequence(Handle h) const { return seqs_.count(h) != 0; }
   std::int64_t num_tokens(Handle h) const;
   std::vector<Block> block_table(Handle h) const;  // O(length)
+  // The blocks of h's first n_tokens tokens (n_tokens <= num_tokens(h)) into out[0..), in
+  // table order, read straight off the chain: no allocation. O(log length + blocks).
+  void write_block_table(Handle h, std::int64_t n_tokens, Block* out) const;
   std::int64_t refcount(std::int64_t block) const;  // O(sequences * log length)
   // Blocks an append can get: free ones plus cached ones nobody holds (evicted on demand).
   std::int64_t num_free_blocks() const {

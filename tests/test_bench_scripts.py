@@ -40,3 +40,11 @@ def test_end_to_end_benchmark_dry_run() -> None:
     out = run_script("gpu_e2e.py")
     lines = [line for line in out.splitlines() if line.startswith("synthetic:")]
     assert [line.split()[1:3] for line in lines] == [["torch", "float32"], ["triton", "float32"], ["triton", "Q4_1"]]
+
+
+def test_step_planner_benchmark_dry_run() -> None:
+    """CPU-only and quick: the planner and its numpy peer agree (the script checks) and each size prints a row."""
+    out = run_script("step_planner.py")
+    rows = [line for line in out.splitlines() if line.startswith("| 4 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["20", "70"], out
+    assert "empty plan" in out
