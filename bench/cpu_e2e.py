@@ -55,6 +55,19 @@ print(time.perf_counter() - t0)
 """
 
 
+def run_stamp() -> dict[str, str]:
+    """When, and at which commit, a benchmark ran: the first keys of every bench's JSON."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent, check=False).stdout.strip()
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": commit}
+
+
+def save_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -218,11 +231,9 @@ def main() -> int:
     startup = measure_startup(args.threads, args.repeats)
     ours = median_run(run_lockstep(prompt_ids, args.new_tokens, args.repeats, args.threads))
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run_stamp(),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
                     "python": platform.python_version(), "torch": torch.__version__},
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True, cwd=Path(__file__).parent).stdout.strip(),
         "prompt_tokens": len(prompt_ids), "new_tokens": args.new_tokens,
         "lockstep": {**startup, **ours},
         "bandwidth_GBps": measure_bandwidth(args.threads),
@@ -271,9 +282,7 @@ def main() -> int:
     if "ratios" in result:
         print(f"\nlockstep vs HF: decode {result['ratios']['decode_vs_hf']:.2f}x, "
               f"TTFT {result['ratios']['ttft_vs_hf']:.2f}x (lower is better)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}", file=sys.stderr)
+    save_result(args.out, result)
     return 0
 
 

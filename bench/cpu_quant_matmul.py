@@ -23,14 +23,11 @@ the caches, as a decode step reading 97 MB of weights per token does. Rates:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +40,7 @@ from gguf.quants import dequantize, quantize
 from lockstep import _core
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_e2e import cpu_name  # noqa: E402  (one definition of the machine's name for every bench)
+from cpu_e2e import cpu_name, run_stamp, save_result  # noqa: E402  (one definition for every bench)
 
 # (name, qtype, N, K) of the default model's linear layers; 30 of each layer per token.
 LAYERS = [("qkv", "Q4_1", 960, 576), ("o", "Q4_1", 576, 576), ("gate_up", "Q4_1", 3072, 576),
@@ -225,11 +222,9 @@ def main() -> int:
               f"{s['weight_MB_per_token']:.0f} MB at {s['pct_of_copy_bw']:.0f}% of copy bandwidth, "
               f"{s['pct_of_read_bw']:.0f}% of read bandwidth")
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run_stamp(),
         "machine": {"cpu": cpu_name(), "features": features, "python": platform.python_version(),
                     "torch": torch.__version__, "numpy": np.__version__},
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).parent).stdout.strip(),
         "dry_run": dry,
         "copy_bandwidth_GBps": bandwidth,
         "read_bandwidth_GBps": read_bandwidth,
@@ -238,9 +233,7 @@ def main() -> int:
         "rows": [asdict(r) for r in rows],
     }
     if not dry:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}", file=sys.stderr)
+        save_result(args.out, result)
     return 0
 
 

@@ -17,14 +17,11 @@ written, since reading a table off the allocator's chain is the part that grows 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +29,7 @@ import numpy as np
 from lockstep._core import BlockAllocator, StepPlanner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_e2e import cpu_name  # noqa: E402  (one definition of the machine's name for every bench)
+from cpu_e2e import cpu_name, run_stamp, save_result  # noqa: E402  (one definition for every bench)
 
 BLOCK_SIZE = 16
 
@@ -136,17 +133,13 @@ def main() -> int:
     print(f"empty plan (call, argument checks, one padded sequence): {floor:.2f} us")
 
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **run_stamp(),
         "machine": {"cpu": cpu_name(), "python": platform.python_version(), "numpy": np.__version__},
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).parent).stdout.strip(),
         "empty_plan_us": floor,
         "rows": rows,
     }
     if not dry:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}", file=sys.stderr)
+        save_result(args.out, result)
     return 0
 
 
