@@ -77,7 +77,23 @@ class EngineConfig:
     # Tokens one step may process. Decodes take one each; prefill fills the rest in chunks.
     max_batched_tokens: int = 256
     max_model_len: int | None = None  # default: the model's context, capped by the KV arena
+    # Prompt tokens one step may take (chunked prefill); default max_batched_tokens.
+    prefill_chunk: int | None = None
     threads: int | None = None
+    # Reuse KV blocks of earlier requests that share a prompt prefix (lockstep._core's index).
+    prefix_cache: bool = True
+    # Inter-token latency an interactive request gets unless it asks for its own (runtime/scheduler.py).
+    itl_target_ms: float = 50.0
+    # The longest a batch sequence waits for a step while interactive streams hold it back.
+    batch_max_wait_ms: float = 1000.0
+    # The cost table of step programs: "auto" reuses one measured earlier on this machine for the
+    # same model and settings, else measures; "measure" always measures; "off" keeps none (steps
+    # are then limited by max_batched_tokens only, and latency targets are not enforced).
+    calibrate: str = "auto"
+    # On CUDA, capture each decode bucket once as a CUDA graph and replay it.
+    cuda_graphs: bool = True
+    # Check, every step, that the native CPU forward touches only planned buffers (tests, debugging).
+    guard_memory: bool = False
     # "torch" (plain PyTorch, the reference) or "triton" (lockstep's kernels); "auto" picks triton
     # on CUDA and torch on the CPU, where triton only runs under its slow interpreter.
     backend: str = "auto"
@@ -100,6 +116,10 @@ class EngineConfig:
             "attention": self.attention in ("triton", "cuda"),
             "weights": self.weights in ("auto", "quantized", "dense"),
             "cpu_kernels": self.cpu_kernels in ("native", "torch"),
+            "calibrate": self.calibrate in ("auto", "measure", "off"),
+            "prefill_chunk": self.prefill_chunk is None or self.prefill_chunk >= 1,
+            "itl_target_ms": self.itl_target_ms > 0,
+            "batch_max_wait_ms": self.batch_max_wait_ms > 0,
             "block_size": self.block_size >= 1,
             "kv_memory_bytes": self.kv_memory_bytes > 0,
             "max_num_seqs": self.max_num_seqs >= 1,
@@ -115,6 +135,8 @@ class EngineConfig:
         if self.max_batched_tokens < self.max_num_seqs:
             # Every running sequence must be able to decode in the same step.
             self.max_batched_tokens = self.max_num_seqs
+        if self.prefill_chunk is None or self.prefill_chunk > self.max_batched_tokens:
+            self.prefill_chunk = self.max_batched_tokens
 
 
 @dataclass

@@ -7,15 +7,21 @@ truncate, cancel) happen between steps, so a step always sees a consistent state
 """
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
+import platform
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from itertools import count
+from enum import Enum
+from itertools import chain, count
 from typing import Iterator, Sequence as Seq
 
 import torch
+
+import numpy as np
 
 from lockstep import _core
 
@@ -25,14 +31,28 @@ from .errors import ContextLengthError, InvalidRequestError
 from .kv_cache import KVCache
 from .linear import Linears, native_cpu_matmul
 from .loader import LoadedModel
-from .model import SeqSpan, StepInputs, TorchModel
+from .memory_plan import build_memory_plan, human_bytes
+from .model import TorchModel
+from .program_runner import ProgramRunner
 from .quantized_weights import load_quantized_gguf, with_float_rows, without_blocked_matrices
 from .sampler import sample, sample_with_kernel
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledStep, Scheduler
+from .step_program import ProgramLadder
+from .workspace import StepWorkspace
+from .cost_model import CostTable, load_or_measure
+from .fetch import lockstep_home
 from .sequence import FinishReason, SeqOutput, Sequence, SeqStatus
 
 log = logging.getLogger("lockstep")
+
+FINISHED_MEMORY = 1 << 16  # finished ids remembered so cancel() can tell "finished" from "unknown"
+
+
+class CancelStatus(str, Enum):
+    CANCELLING = "cancelling"  # live: it ends with FinishReason.CANCELLED at the next step
+    ALREADY_FINISHED = "already_finished"
+    UNKNOWN = "unknown"
 
 
 @dataclass
@@ -73,7 +93,17 @@ class Engine:
         # A matrix read as blocks needs no float copy on the device (8B in bf16 is 16 GB never read).
         weights = without_blocked_matrices(model.weights, quantized).to(self.device, dtype)
         self.kv = KVCache.for_budget(model.config, self.config.kv_memory_bytes, self.config.block_size,
-                                     dtype=dtype, device=self.device)
+                                     dtype=dtype, device=self.device, prefix_cache=self.config.prefix_cache)
+        limits = [model.config.max_position, self.kv.capacity_tokens]
+        if self.config.max_model_len:
+            limits.append(self.config.max_model_len)
+        self.max_model_len = min(limits)
+        # The static plan: programs, then the workspace for the largest one (runtime/memory_plan.py).
+        self.ladder = ProgramLadder(self.config.max_num_seqs, self.config.max_batched_tokens)
+        self.workspace = StepWorkspace(model.config, self.ladder.largest_rows, self.ladder.largest_seqs,
+                                       -(-self.max_model_len // self.kv.block_size), self.device,
+                                       activations=self.device.type == "cpu", dtype=dtype)
+        blocks = quantized
         if self.backend == "triton":
             from .triton_model import TritonModel
 
@@ -81,22 +111,59 @@ class Engine:
                                       quantized=quantized)
         else:
             linears = cpu_linears(model, weights, self.config, self.device)
+            blocks = None if linears is None else linears.blocks
             # With the native matmuls come the native norm, RoPE and attention (cpp/cpu/cpu_ops.h).
-            self.runner = TorchModel(model.config, weights, self.kv, linears, native_ops=linears is not None)
-        self.scheduler = Scheduler(self.config, self.kv)
-        limits = [model.config.max_position, self.kv.capacity_tokens]
-        if self.config.max_model_len:
-            limits.append(self.config.max_model_len)
-        self.max_model_len = min(limits)
+            self.runner = TorchModel(model.config, weights, self.kv, linears, native_ops=linears is not None,
+                                     workspace=self.workspace)
+        self.memory_plan = build_memory_plan(weights, blocks, self.kv, (self.runner.cos, self.runner.sin),
+                                             self.workspace, self.config.max_num_seqs)
+        if self.config.guard_memory and native_cpu:
+            self.runner.guard = self.memory_plan
+        self.programs = ProgramRunner(self.runner, self.kv, self.workspace)
+        if self.device.type == "cuda" and self.config.cuda_graphs:
+            before = torch.cuda.memory_reserved(self.device)
+            self.programs.capture_decode_graphs(self.ladder.decode)
+            self.memory_plan.add_opaque("cuda_graphs.pool", torch.cuda.memory_reserved(self.device) - before,
+                                        f"{len(self.programs.graphs)} decode graphs", str(self.device))
+        self.costs = self._cost_table(model)
+        self.scheduler = Scheduler(self.config, self.kv, self.ladder, self.costs)
         self.seqs: dict[int, Sequence] = {}  # live sequences
+        self._finished: OrderedDict[int, FinishReason] = OrderedDict()  # recent ends, for cancel's answer
         self._ids = count()
         self._next_branch: dict[int, int] = {}  # per fork family: the next branch number
         self._family: dict[int, int] = {}  # seq id -> id of the family's first sequence
         self._pending: list[SeqOutput] = []  # terminal outputs made between steps (cancels)
+        self.last_step: ScheduledStep | None = None
+        self.last_error: str | None = None  # the latest failed step's error, for logs and tests
         log.info("engine: %s backend on %s", self.backend, self.device)
         log.info("engine: %d KV blocks of %d tokens (%d tokens), max_model_len %d, %d torch threads",
                  self.kv.num_blocks, self.kv.block_size, self.kv.capacity_tokens, self.max_model_len,
                  torch.get_num_threads())
+        log.info("engine: memory plan %s; %d step programs, cost table %s", human_bytes(self.memory_plan.total_bytes),
+                 len(self.ladder.programs), "off" if self.costs is None else self.costs.source)
+
+    def _cost_table(self, model: LoadedModel) -> CostTable | None:
+        if self.config.calibrate == "off":
+            return None
+        device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() \
+            or platform.machine()
+        key = {
+            "model": str(model.source), "model_name": model.config.name, "layers": model.config.num_layers,
+            "backend": self.backend, "device": device, "cpu_kernels": self.config.cpu_kernels,
+            "weights": self.config.weights, "attention": self.config.attention,
+            "threads": _core.get_num_threads() if self.runner_is_native else torch.get_num_threads(),
+            "isa": _core.cpu_features()["auto_isa"], "programs": [p.name for p in self.ladder.programs],
+            "block_size": self.kv.block_size, "max_blocks": self.workspace.max_blocks, "version": importlib.metadata.version("lockstep"),
+        }
+        if is_gguf_file(model):
+            stat = model.source.stat()
+            key["model_file"] = [stat.st_size, stat.st_mtime_ns]
+        return load_or_measure(self.ladder.programs, self.programs.run_scratch, self.max_model_len, key,
+                               lockstep_home() / "costs", force=self.config.calibrate == "measure")
+
+    @property
+    def runner_is_native(self) -> bool:
+        return isinstance(self.runner, TorchModel) and self.runner.native_ops
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -152,19 +219,24 @@ class Engine:
             raise InvalidRequestError(f"sequence {seq_id} is not live (finished, cancelled or unknown)")
         return seq
 
-    def fork(self, seq_id: int, n: int = 1) -> list[Sequence]:
-        """n new sequences continuing from this one. KV is shared by refcount, not copied.
+    def fork(self, seq_id: int, n: int = 1, seeds: Seq[int] | None = None) -> list[Sequence]:
+        """n new sequences continuing from this one. KV is shared by refcount, not copied: O(1).
 
-        Each fork samples with its own branch number, so seeded forks still differ.
+        Each fork samples with its own branch number, so seeded forks still differ. With `seeds`,
+        fork i samples with seeds[i] on branch 0 instead: exactly what a request with that seed,
+        unforked from the same tokens, would sample.
         """
         parent = self._live(seq_id)
         if n < 1:
             raise InvalidRequestError(f"fork needs n >= 1, got {n}")
+        if seeds is not None and (len(seeds) != n or any(not isinstance(x, int) or not 0 <= x < 2**64 for x in seeds)):
+            raise InvalidRequestError(f"fork seeds must be {n} integers in [0, 2**64)")
         family = self._family[seq_id]
         children = []
-        for _ in range(n):
+        for i in range(n):
             child = replace(
-                parent, seq_id=next(self._ids), branch=self._next_branch[family],
+                parent, seq_id=next(self._ids), branch=self._next_branch[family] if seeds is None else 0,
+                seed=parent.seed if seeds is None else seeds[i],
                 token_ids=list(parent.token_ids), detok=parent.detok.clone(),
                 output_ids=list(parent.output_ids), output_positions=list(parent.output_positions),
                 output_logprobs=list(parent.output_logprobs),
@@ -234,11 +306,22 @@ class Engine:
             if seq.handle is not None:
                 self.kv.allocator.truncate(seq.handle, seq.num_computed)
 
-    def cancel(self, seq_id: int) -> None:
-        """Stops a sequence at the next step boundary and frees its blocks."""
+    def cancel(self, seq_id: int) -> CancelStatus:
+        """Stops a sequence at the next step boundary and frees its blocks. Cancelling a finished
+        or unknown sequence changes nothing and says so."""
         seq = self.seqs.get(seq_id)
         if seq is not None:
             seq.cancel_requested = True
+            return CancelStatus.CANCELLING
+        return CancelStatus.ALREADY_FINISHED if seq_id in self._finished else CancelStatus.UNKNOWN
+
+    def pause(self, seq_id: int) -> None:
+        """Holds a live sequence out of every step, keeping its KV (it may be preempted first)."""
+        self._live(seq_id).paused = True
+
+    def resume(self, seq_id: int) -> None:
+        """Lets a paused sequence run again from where it stopped."""
+        self._live(seq_id).paused = False
 
     # --- the step --------------------------------------------------------------------------------
 
@@ -251,40 +334,42 @@ class Engine:
         self._pending = []
         for seq in [s for s in self.seqs.values() if s.cancel_requested]:
             outputs.append(self._finish(seq, FinishReason.CANCELLED))
-        plan = self.scheduler.schedule()
-        if not plan:
+        step = self.scheduler.schedule()
+        self.last_step = step
+        if step is None:
             return outputs
 
-        token_ids, positions, slots, spans = [], [], [], []
+        rows: list[int] = []  # where each sequence's rows start
         logit_rows: list[int] = []
         prompt_lp: list[tuple[Sequence, int, int, int]] = []  # (seq, logits index, position, count)
         to_sample: list[tuple[Sequence, int]] = []  # (seq, logits index)
-        for item in plan:
+        start = 0
+        for item in step.items:
             seq, n = item.seq, item.num_tokens
-            start, first = len(token_ids), seq.num_computed
-            context = self.kv.slots(seq.handle, first + n)
-            token_ids.extend(seq.token_ids[first:first + n])
-            positions.extend(range(first, first + n))
-            slots.append(context[first:])
-            spans.append(SeqSpan(start, n, context))
+            first = seq.num_computed
             if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1:
                 # Row i predicts token first + i + 1; only prompt tokens not yet scored.
-                rows = [start + i for i in range(n) if len(seq.prompt_logprobs) <= first + i < seq.num_prompt_tokens - 1]
-                if rows:
-                    prompt_lp.append((seq, len(logit_rows), rows[0] - start + first, len(rows)))
-                    logit_rows.extend(rows)
+                scored = [start + i for i in range(n) if len(seq.prompt_logprobs) <= first + i < seq.num_prompt_tokens - 1]
+                if scored:
+                    prompt_lp.append((seq, len(logit_rows), scored[0] - start + first, len(scored)))
+                    logit_rows.extend(scored)
             if seq.generating and first + n == seq.num_tokens:
                 to_sample.append((seq, len(logit_rows)))
                 logit_rows.append(start + n - 1)
-
-        dev = self.device
-        logits = self.runner.forward(StepInputs(
-            token_ids=torch.tensor(token_ids, device=dev), positions=torch.tensor(positions, device=dev),
-            slot_mapping=torch.cat(slots).to(dev), spans=spans,
-            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
-        )).float()
-        for item in plan:
+            rows.append(start)
+            start += n
+        try:
+            logits = self._run_step(step, logit_rows)
+        except Exception as exc:  # noqa: BLE001 - one failed step must not take the engine down
+            log.exception("step %s failed; failing its %d sequences", step.program.name, len(step.items))
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            for item in step.items:
+                outputs.append(self._finish(item.seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
+            return outputs
+        for item in step.items:
             item.seq.num_computed += item.num_tokens
+        if self.config.prefix_cache:
+            self._publish(step)
 
         self._record_prompt_logprobs(logits, prompt_lp)
         # A request already at max_tokens (max_tokens 0: score the prompt only) ends unsampled.
@@ -305,6 +390,26 @@ class Engine:
                 outputs.append(self._accept_token(seq, result.token_ids[i], result.logprobs[i],
                                                   result.top_logprobs[i]))
         return outputs
+
+    def _run_step(self, step: ScheduledStep, logit_rows: list[int]) -> torch.Tensor:
+        """Plans the step into the workspace (one C++ call) and runs its program; logits [R, vocab]."""
+        items = step.items
+        handles = np.fromiter((i.seq.handle for i in items), np.int64, len(items))
+        starts = np.fromiter((i.seq.num_computed for i in items), np.int64, len(items))
+        counts = np.fromiter((i.num_tokens for i in items), np.int64, len(items))
+        tokens = np.fromiter(chain.from_iterable(i.seq.token_ids[i.seq.num_computed:i.seq.num_computed + i.num_tokens]
+                                                 for i in items), np.int64, int(counts.sum()))
+        inputs = self.programs.plan(step.program, handles, starts, counts, tokens, logit_rows)
+        return self.programs.run(inputs).float()
+
+    def _publish(self, step: ScheduledStep) -> None:
+        """Offers every newly completed full block to the prefix cache (lockstep._core's index)."""
+        bs = self.kv.block_size
+        for item in step.items:
+            seq = item.seq
+            if seq.num_computed // bs > (seq.num_computed - item.num_tokens) // bs:
+                done = seq.num_computed
+                self.kv.allocator.publish(seq.handle, np.asarray(seq.token_ids[:done], np.int64), done)
 
     def _record_prompt_logprobs(self, logits: torch.Tensor,
                                 prompt_lp: list[tuple[Sequence, int, int, int]]) -> None:
@@ -377,16 +482,22 @@ class Engine:
         seq.num_chars_sent = end
         return chunk
 
-    def _finish(self, seq: Sequence, reason: FinishReason, out: SeqOutput | None = None) -> SeqOutput:
+    def _finish(self, seq: Sequence, reason: FinishReason, out: SeqOutput | None = None,
+                error: str | None = None) -> SeqOutput:
+        self.scheduler.remove(seq)  # first: it finds the sequence by its status
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+        seq.error = error
+        self._finished[seq.seq_id] = reason
+        if len(self._finished) > FINISHED_MEMORY:
+            self._finished.popitem(last=False)
         seq.finish_time = time.perf_counter()
-        self.scheduler.remove(seq)
         self.seqs.pop(seq.seq_id, None)
         self._family.pop(seq.seq_id, None)
         out = out or SeqOutput(seq.seq_id, None, "")
         out.text = self._streamable(seq)
         out.finish_reason = reason
+        out.error = error
         return out
 
     # --- conveniences --------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The paged KV cache: one fixed arena of blocks, handed out by the C++ block allocator.
 
-K and V live in two tensors of shape [layers, num_blocks * block_size, kv_heads, head_dim];
-a token's "slot" is block * block_size + offset. The allocator (lockstep._core) decides which
+K and V live in two tensors of shape [layers, (num_blocks + 1) * block_size, kv_heads, head_dim];
+a token's "slot" is block * block_size + offset. The last block is scratch: no sequence owns
+it, and padded rows of a fixed-shape step (runtime/step_program.py) write and read it there. The allocator (lockstep._core) decides which
 blocks a sequence owns, shares them between forks by refcount, and says which blocks must be
 copied before a shared partial block is written (copy-on-write).
 """
@@ -17,24 +18,28 @@ from .errors import CapacityError
 
 class KVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 prefix_cache: bool = False) -> None:
         if num_blocks < 1:
-            raise CapacityError("the KV memory budget holds no block; raise --kv-memory")
+            raise CapacityError("the KV memory budget holds no block besides the scratch block; raise --kv-memory")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.scratch_block = num_blocks
+        shape = (config.num_layers, (num_blocks + 1) * block_size, config.num_kv_heads, config.head_dim)
         # Allocated once, here; serving never allocates KV memory again. `empty`, not `zeros`:
         # attention reads only slots a step has written, and zeroing a 1 GiB arena on the CPU
         # would add ~0.7 s to start-up for nothing.
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks, block_size, prefix_cache=prefix_cache)
 
     @classmethod
     def for_budget(cls, config: ModelConfig, memory_bytes: int, block_size: int,
-                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> KVCache:
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   prefix_cache: bool = False) -> KVCache:
+        """As many blocks as `memory_bytes` holds, the scratch block included."""
         per_block = config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size()) * block_size
-        return cls(config, memory_bytes // per_block, block_size, dtype, device)
+        return cls(config, memory_bytes // per_block - 1, block_size, dtype, device, prefix_cache)
 
     @property
     def capacity_tokens(self) -> int:
@@ -57,9 +62,3 @@ class KVCache:
         bs = self.block_size
         self.k[:, dst * bs:(dst + 1) * bs] = self.k[:, src * bs:(src + 1) * bs]
         self.v[:, dst * bs:(dst + 1) * bs] = self.v[:, src * bs:(src + 1) * bs]
-
-    def slots(self, handle: int, end: int) -> torch.Tensor:
-        """Slot ids of a sequence's token positions 0..end-1."""
-        table = torch.tensor(self.allocator.block_table(handle), dtype=torch.long)
-        bs = self.block_size
-        return (table[:, None] * bs + torch.arange(bs)).reshape(-1)[:end]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -16,25 +17,28 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .linear import Linears
+from .memory_plan import MemoryPlan
+from .step_program import StepProgram
 from .weights import ModelWeights
-
-
-@dataclass
-class SeqSpan:
-    """One sequence's part of a step: rows [start, start + length) of the step's tokens."""
-
-    start: int
-    length: int
-    context_slots: torch.Tensor  # slots of all its tokens up to and including this step's
+from .workspace import StepWorkspace
 
 
 @dataclass
 class StepInputs:
-    token_ids: torch.Tensor  # [T] long
-    positions: torch.Tensor  # [T] long
-    slot_mapping: torch.Tensor  # [T] long: where each token's K and V are written
-    spans: list[SeqSpan]
-    logit_rows: torch.Tensor  # [R] long: rows of T whose next-token logits are wanted
+    """One step program's inputs: leading slices of the planned workspace (runtime/workspace.py).
+
+    Rows past the step's real tokens, and sequences past its real ones, are padding: they read
+    token 0 at position 0 and write the arena's scratch block, so they change nothing else.
+    """
+
+    program: StepProgram
+    token_ids: torch.Tensor  # [R] long, R = program.num_tokens
+    positions: torch.Tensor  # [R] long
+    slot_mapping: torch.Tensor  # [R] long: where each row's K and V are written
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    seq_lens: torch.Tensor  # [S] int32: context length of each sequence after this step
+    query_start: torch.Tensor  # [S + 1] int32: sequence s owns rows query_start[s]:query_start[s + 1]
+    logit_rows: torch.Tensor  # [L] long: rows whose next-token logits are wanted
 
 
 @dataclass
@@ -75,12 +79,15 @@ def rope_inv_freq(config: ModelConfig, freq_divisors: torch.Tensor | None) -> to
 
 class TorchModel:
     def __init__(self, config: ModelConfig, weights: ModelWeights, kv: KVCache, linear: Linears | None = None,
-                 native_ops: bool = False) -> None:
+                 native_ops: bool = False, workspace: StepWorkspace | None = None) -> None:
         """`linear` runs the matmuls (default: torch's, on the float weights). `native_ops` runs
-        RMSNorm, RoPE and attention on lockstep._core's CPU kernels too (fp32 CPU tensors only)."""
+        RMSNorm, RoPE and attention on lockstep._core's CPU kernels too (fp32 CPU tensors only),
+        in `workspace`'s activation buffers."""
         self.config = config
         self.w = weights
         self.kv = kv
+        self.workspace = workspace
+        self.guard: MemoryPlan | None = None  # set by the engine: check every native op's buffers
         self.linear = linear or Linears(weights)
         freqs = torch.outer(torch.arange(config.max_position, dtype=torch.float32),
                             rope_inv_freq(config, weights.rope_freqs))
@@ -118,7 +125,7 @@ class TorchModel:
             k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
             k_cache.index_copy_(0, inputs.slot_mapping, k)
             v_cache.index_copy_(0, inputs.slot_mapping, v.view(-1, cfg.num_kv_heads, cfg.head_dim))
-            attn = self.attention(q, k_cache, v_cache, inputs.spans)
+            attn = self.attention(q, k_cache, v_cache, inputs)
             x = x + self.linear(attn, layer_idx, "wo")
             h = self.rms_norm(x, layer.ffn_norm)
             gate, up = self.linear(h, layer_idx, "w_gate_up").chunk(2, dim=-1)
@@ -131,56 +138,64 @@ class TorchModel:
 
         The same math in fp32, each op reduced per row (per sequence for attention) in a fixed
         order, so a sequence's logits do not depend on the batch or the thread count
-        (cpp/cpu/cpu_ops.cpp). The residual add is fused into the norm that follows it.
+        (cpp/cpu/cpu_ops.cpp). The residual add is fused into the norm that follows it. Every
+        buffer is a slice of the planned workspace: the step allocates nothing.
         """
-        from lockstep import _core
-
         cfg, eps, views = self.config, self.config.rms_norm_eps, self._native_views()
-        matmul = _core.quant_matmul
-        x_t = self.w.embed[inputs.token_ids]  # a fresh copy: the residual stream, updated in place
-        num_tokens = x_t.shape[0]
-        # The step's activations, allocated once per step and reused by every layer.
-        x, h = x_t.numpy(), np.empty_like(x_t.numpy())
-        attn = np.empty((num_tokens, cfg.q_size), np.float32)
-        qkv = np.empty((num_tokens, cfg.q_size + 2 * cfg.kv_size), np.float32)
-        out = np.empty_like(h)
-        gate_up_t = torch.empty(num_tokens, 2 * cfg.intermediate_size)
-        act_t = torch.empty(num_tokens, cfg.intermediate_size)
-        gate_up, act = gate_up_t.numpy(), act_t.numpy()
+        op = self._native_ops()
+        rows = inputs.token_ids.shape[0]
+        buf = {name: self.workspace.activation(name)[:rows] for name in ("x", "h", "qkv", "attn", "out", "gate_up", "act")}
+        x_t, gate_up_t, act_t = buf["x"], buf["gate_up"], buf["act"]
+        x, h, qkv, attn, out, gate_up, act = (buf[n].numpy() for n in ("x", "h", "qkv", "attn", "out", "gate_up", "act"))
+        torch.index_select(self.w.embed, 0, inputs.token_ids, out=x_t)  # the residual stream, updated in place
         gate_t, up_t = gate_up_t.chunk(2, dim=-1)
         q = qkv[:, :cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
         k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         positions, slots = inputs.positions.numpy(), inputs.slot_mapping.numpy()
-        # Each sequence's block table (its first slot in each block), rows and context length.
-        bs, spans = self.kv.block_size, inputs.spans
-        tables = [(s.context_slots[::bs] // bs).numpy() for s in spans]
-        block_tables = np.zeros((len(spans), max((len(t) for t in tables), default=0)), np.int32)
-        for row, table in zip(block_tables, tables):
-            row[:len(table)] = table
-        query_start = np.array([s.start for s in spans] + [spans[-1].start + spans[-1].length if spans else 0],
-                               np.int32)
-        seq_lens = np.array([s.context_slots.numel() for s in spans], np.int32)
-        _core.rms_norm(x, views[0].attn_norm, eps, h)
+        block_tables, query_start, seq_lens = inputs.block_tables.numpy(), inputs.query_start.numpy(), inputs.seq_lens.numpy()
+        op.rms_norm(x, views[0].attn_norm, eps, h)
         for layer_idx, layer in enumerate(views):
-            matmul(h, layer.wqkv[1], layer.wqkv[0], qkv)
+            op.quant_matmul(h, layer.wqkv[1], layer.wqkv[0], qkv)
             if layer.bqkv is not None:
                 qkv += layer.bqkv
-            _core.rope_and_cache(q, k, v, self._cos, self._sin, positions, slots, layer.k_cache, layer.v_cache)
-            _core.paged_attention(q, layer.k_cache, layer.v_cache, block_tables, query_start, seq_lens, bs,
-                                  self.scale, attn)
-            matmul(attn, layer.wo[1], layer.wo[0], out)
-            _core.add_rms_norm(out, x, layer.ffn_norm, eps, h)
-            matmul(h, layer.w_gate_up[1], layer.w_gate_up[0], gate_up)
-            torch.mul(F.silu(gate_t), up_t, out=act_t)
-            matmul(act, layer.w_down[1], layer.w_down[0], out)
+            op.rope_and_cache(q, k, v, self._cos, self._sin, positions, slots, layer.k_cache, layer.v_cache)
+            op.paged_attention(q, layer.k_cache, layer.v_cache, block_tables, query_start, seq_lens,
+                               self.kv.block_size, self.scale, attn)
+            op.quant_matmul(attn, layer.wo[1], layer.wo[0], out)
+            op.add_rms_norm(out, x, layer.ffn_norm, eps, h)
+            op.quant_matmul(h, layer.w_gate_up[1], layer.w_gate_up[0], gate_up)
+            torch.mul(F.silu(gate_t, inplace=True), up_t, out=act_t)
+            op.quant_matmul(act, layer.w_down[1], layer.w_down[0], out)
             if layer_idx + 1 < len(views):
-                _core.add_rms_norm(out, x, views[layer_idx + 1].attn_norm, eps, h)
+                op.add_rms_norm(out, x, views[layer_idx + 1].attn_norm, eps, h)
             else:
                 x += out
-        last = x_t[inputs.logit_rows]
-        _core.rms_norm(last.numpy(), self._final_norm, eps, last.numpy())
-        return self.linear(last, None, "lm_head")
+        num_logits = inputs.logit_rows.shape[0]
+        last_t = self.workspace.activation("last")[:num_logits]
+        logits = self.workspace.activation("logits")[:num_logits]
+        torch.index_select(x_t, 0, inputs.logit_rows, out=last_t)
+        op.rms_norm(last_t.numpy(), self._final_norm, eps, last_t.numpy())
+        op.quant_matmul(last_t.numpy(), self._lm_head[1], self._lm_head[0], logits.numpy())
+        return logits
+
+    def _native_ops(self):
+        """lockstep._core's step ops; with the guard on, each checks its buffers are planned first."""
+        from lockstep import _core
+
+        if self.guard is None:
+            return _core
+        guard = self.guard
+
+        def checked(name: str):
+            fn = getattr(_core, name)
+
+            def call(*args):
+                guard.check(name, args)
+                return fn(*args)
+            return call
+        return SimpleNamespace(**{name: checked(name) for name in
+                                  ("rms_norm", "add_rms_norm", "quant_matmul", "rope_and_cache", "paged_attention")})
 
     def _native_views(self) -> list[_LayerViews]:
         """numpy views of what forward_native reads every step; the KV arena and the weights are
@@ -189,6 +204,7 @@ class TorchModel:
             self._cos, self._sin, self._final_norm = self.cos.numpy(), self.sin.numpy(), self.w.final_norm.numpy()
             blocks = self.linear.blocks  # every matrix: the native path is only on with with_float_rows
             rows = lambda m: (m.qtype, m.numpy())  # noqa: E731
+            self._lm_head = rows(blocks.lm_head)
             self._views = [
                 _LayerViews(layer.attn_norm.numpy(), layer.ffn_norm.numpy(), self.kv.k[i].numpy(),
                             self.kv.v[i].numpy(), rows(b.wqkv), rows(b.wo), rows(b.w_gate_up), rows(b.w_down),
@@ -197,24 +213,31 @@ class TorchModel:
         return self._views
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  spans: list[SeqSpan]) -> torch.Tensor:
+                  inputs: StepInputs) -> torch.Tensor:
         """Causal GQA attention of each sequence's new queries over its whole context.
 
         One sequence at a time: a sequence's result never depends on what else is in the step.
+        Rows of no sequence (padding) come out zero.
         """
-        out = torch.empty(q.shape[0], self.config.q_size, dtype=q.dtype, device=q.device)
-        for span in spans:
-            rows = slice(span.start, span.start + span.length)
-            ctx = span.context_slots.numel()
+        out = torch.zeros(q.shape[0], self.config.q_size, dtype=q.dtype, device=q.device)
+        bs = self.kv.block_size
+        starts, lens = inputs.query_start.tolist(), inputs.seq_lens.tolist()
+        for s, ctx in enumerate(lens):
+            rows = slice(starts[s], starts[s + 1])
+            length = starts[s + 1] - starts[s]
+            if length == 0:
+                continue
+            table = inputs.block_tables[s, :-(-ctx // bs)].to(q.device, torch.long)
+            context_slots = (table[:, None] * bs + torch.arange(bs, device=q.device)).reshape(-1)[:ctx]
             qs = q[rows].transpose(0, 1)  # [heads, n, d]
-            ks = k_cache[span.context_slots].transpose(0, 1)  # [kv_heads, ctx, d]
-            vs = v_cache[span.context_slots].transpose(0, 1)
+            ks = k_cache[context_slots].transpose(0, 1)  # [kv_heads, ctx, d]
+            vs = v_cache[context_slots].transpose(0, 1)
             mask = None
-            if span.length > 1:
+            if length > 1:
                 # Query i sits at position ctx - length + i and sees keys up to there.
-                first = ctx - span.length
-                mask = torch.arange(ctx)[None, :] <= (first + torch.arange(span.length))[:, None]
+                first = ctx - length
+                mask = torch.arange(ctx)[None, :] <= (first + torch.arange(length))[:, None]
                 mask = mask.to(q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out[rows] = o.transpose(0, 1).reshape(span.length, -1)
+            out[rows] = o.transpose(0, 1).reshape(length, -1)
         return out

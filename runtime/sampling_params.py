@@ -7,6 +7,7 @@ from .errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+LATENCY_CLASSES = ("interactive", "batch")
 
 
 @dataclass
@@ -31,6 +32,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: plus the N most likely
     prompt_logprobs: int | None = None  # same, for every prompt token after the first
     skip_special_tokens: bool = True
+    # Scheduling (runtime/scheduler.py): an interactive stream is kept inside its inter-token
+    # latency target (None: the engine's --itl-target); batch work fills the rest of each step.
+    latency_class: str = "interactive"
+    itl_target_ms: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,8 +67,17 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
                 problems.append(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.latency_class not in LATENCY_CLASSES:
+            problems.append(f"latency_class must be one of {', '.join(LATENCY_CLASSES)}, got {self.latency_class!r}")
+        if self.itl_target_ms is not None and not (isinstance(self.itl_target_ms, (int, float))
+                                                   and 0 < self.itl_target_ms <= 600_000):
+            problems.append(f"itl_target_ms must be a positive number of milliseconds, got {self.itl_target_ms!r}")
         if problems:
             raise InvalidRequestError("; ".join(problems))
+
+    @property
+    def interactive(self) -> bool:
+        return self.latency_class == "interactive"
 
     @property
     def greedy(self) -> bool:

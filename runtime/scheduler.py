@@ -1,20 +1,38 @@
-"""Continuous batching: which sequences run in the next step, and how many tokens each.
+"""Which sequences run in the next step, how many tokens each, and in which step program.
 
-Every step has a token budget. Running sequences go first, decodes (one token) before
-prefill chunks, so a long prompt never stalls the streams already generating; waiting
-sequences are then admitted first-come first-served while the budget, the seat count and the
-KV arena allow. A prompt longer than the budget is prefilled in chunks over several steps.
-When the arena runs dry mid-generation, the most recently admitted sequence is preempted: its
-blocks are freed and it is recomputed from its tokens later (blocks shared with forks stay).
+Each step is one of the programs fixed at start-up (runtime/step_program.py), and the cost
+table (runtime/cost_model.py) says how long each takes. The scheduler builds a step in order:
+
+1. every interactive decode (one token each): an interactive stream is never held back;
+2. batch decodes, least recently served first, while the predicted step time stays inside the
+   tightest inter-token-latency target of the interactive streams now decoding (no target
+   while none is). A batch sequence unserved for longer than batch_max_wait_ms goes in
+   regardless, which bounds its starvation. Seats a decode bucket pads anyway cost nothing,
+   so the prediction lets batch decodes fill them;
+3. prompt chunks, interactive before batch and otherwise in admission order: running
+   sequences first, then waiting ones admitted while seats and KV blocks allow (reusing
+   cached prefix blocks, and taking paused sequences' blocks if need be). A chunk is sized so the step fills a prefill bucket whose predicted
+   time is inside the target.
+
+Paused sequences keep their blocks and take no part. Without a cost table (calibrate "off")
+steps are limited by max_batched_tokens alone. When the arena runs dry, a sequence gives way:
+a paused one first, then batch work, then the latest admitted; its blocks are freed (cached
+prefix blocks stay cached) and it is recomputed from its tokens later, with identical output.
 """
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from .config import EngineConfig
+from .cost_model import CostTable
 from .kv_cache import KVCache
 from .sequence import Sequence, SeqStatus
+from .step_program import ProgramLadder, StepProgram
 
 
 @dataclass
@@ -23,12 +41,35 @@ class ScheduledSeq:
     num_tokens: int  # tokens from seq.num_computed on, computed this step
 
 
+@dataclass
+class ScheduledStep:
+    program: StepProgram
+    items: list[ScheduledSeq] = field(default_factory=list)
+    predicted_s: float | None = None  # from the cost table, when there is one
+    budget_s: float = math.inf  # the latency target this step had to meet
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_tokens for item in self.items)
+
+
+def attention_pairs(seq: Sequence, n: int) -> int:
+    """Query-key pairs of computing n more tokens of seq: token i sees num_computed + i + 1 keys."""
+    return n * seq.num_computed + n * (n + 1) // 2
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCache) -> None:
+    def __init__(self, config: EngineConfig, kv: KVCache, ladder: ProgramLadder, costs: CostTable | None) -> None:
         self.config = config
         self.kv = kv
+        self.ladder = ladder
+        self.costs = costs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.step_index = 0
+        self.clock = time.perf_counter  # what the starvation bound measures waits with
+
+    # --- membership ------------------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -48,49 +89,100 @@ class Scheduler:
         self._release(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(s.num_uncomputed for s in self.running)
+        return any(not s.paused for s in self.waiting) or any(s.num_uncomputed and not s.paused for s in self.running)
 
-    def schedule(self) -> list[ScheduledSeq]:
-        budget = self.config.max_batched_tokens
-        plan: list[ScheduledSeq] = []
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # --- the step ------------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledStep | None:
+        self.step_index += 1
+        now = self.clock()
+        active = [s for s in self.running if s.num_uncomputed and not s.paused]
+        decodes = [s for s in active if s.num_uncomputed == 1]
+        interactive_decodes = [s for s in decodes if s.params.interactive]
+        budget = min((self._target_s(s) for s in interactive_decodes), default=math.inf)
+        step = _StepBuilder(self, budget, now)
+
+        for seq in interactive_decodes:
+            step.take(seq, 1, force=True)
+        batch = sorted((s for s in decodes if not s.params.interactive), key=lambda s: s.last_scheduled_step)
+        for seq in batch:
+            step.take(seq, 1, force=self.starved(seq, now))
+
+        prefills = sorted((s for s in active if s.num_uncomputed > 1), key=lambda s: not s.params.interactive)
+        for seq in prefills:
+            step.take_chunk(seq)
+        admission = sorted((s for s in self.waiting if not s.paused), key=lambda s: not s.params.interactive)
+        for seq in admission:
+            if len(self.running) >= self.config.max_num_seqs or not step.has_rows():
+                break
+            if not self._admit(seq, step):
+                break
+        if not step.items:
+            return None
+        for item in step.items:
+            item.seq.last_scheduled_step = self.step_index
+            item.seq.last_served_time = now
+        return step.finish()
+
+    def starved(self, seq: Sequence, now: float) -> bool:
+        """Whether batch work has waited past its bound (interactive work is never held back)."""
+        return now - seq.last_served_time > self.config.batch_max_wait_ms / 1000
+
+    def _target_s(self, seq: Sequence) -> float:
+        target = seq.params.itl_target_ms if seq.params.itl_target_ms is not None else self.config.itl_target_ms
+        return target / 1000
+
+    def _admit(self, seq: Sequence, step: _StepBuilder) -> bool:
+        """Gives a waiting sequence its KV (cached prefix blocks first) and a first chunk, if both fit."""
         alloc = self.kv.allocator
-        # Decodes first, then chunks of prompts already under way; admission order within each.
-        order = sorted((s for s in self.running if s.num_uncomputed),
-                       key=lambda s: s.num_uncomputed > 1)
-        for seq in order:
-            if budget == 0:
-                break
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # preempted below to make room for an earlier one
-            n = min(seq.num_uncomputed, budget)
-            while alloc.blocks_needed(seq.handle, n) > alloc.num_free_blocks():
-                # The latest admitted sequence not already in this step gives way; if there is
-                # none, this one waits (a lone sequence always fits: max_model_len <= arena).
-                victim = next((s for s in reversed(self.running)
-                               if s is not seq and all(p.seq is not s for p in plan)), seq)
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SeqStatus.RUNNING:
-                continue
-            self.kv.reserve(seq.handle, n)
-            plan.append(ScheduledSeq(seq, n))
-            budget -= n
+        # Prompt logprobs need every prompt token's logits, so such a request computes them all.
+        if self.config.prefix_cache and seq.params.prompt_logprobs is None:
+            handle, cached = alloc.new_sequence_cached(np.asarray(seq.token_ids, np.int64))
+        else:
+            handle, cached = alloc.new_sequence(), 0
+        seq.handle, seq.num_computed = handle, cached
+        n = step.chunk_size(seq)
+        # A paused sequence's blocks are the first to go to new work.
+        paused = [s for s in self.running if s.paused]
+        while n and alloc.blocks_needed(handle, n) > alloc.num_free_blocks() and paused:
+            self._preempt(paused.pop())
+        # Admit only what fits now; the rest of a long prompt is reserved chunk by chunk.
+        if n == 0 or alloc.blocks_needed(handle, n) > alloc.num_free_blocks():
+            alloc.free(handle)
+            seq.handle, seq.num_computed = None, 0
+            return False
+        self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        step.take(seq, n, force=True)
+        return True
 
-        while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            # Admit only what fits now; the rest of a long prompt is reserved chunk by chunk.
-            if -(-n // self.kv.block_size) > alloc.num_free_blocks():
-                break
-            self.waiting.popleft()
-            seq.handle = alloc.new_sequence()
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            self.kv.reserve(seq.handle, n)
-            plan.append(ScheduledSeq(seq, n))
-            budget -= n
-        return plan
+    # --- KV pressure ------------------------------------------------------------------------------
+
+    def reserve(self, seq: Sequence, n: int, in_step: list[ScheduledSeq]) -> bool:
+        """Makes room for n more tokens of seq, preempting others if needed; False if seq itself gave way."""
+        alloc = self.kv.allocator
+        while alloc.blocks_needed(seq.handle, n) > alloc.num_free_blocks():
+            victim = self._victim(seq, in_step)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.kv.reserve(seq.handle, n)
+        return True
+
+    def _victim(self, seq: Sequence, in_step: list[ScheduledSeq]) -> Sequence:
+        """Paused first, then batch, then interactive; the latest admitted within each. Never one
+        already in this step; seq itself if nothing else can give way."""
+        taken = {id(item.seq) for item in in_step}
+        candidates = [s for s in self.running if s is not seq and id(s) not in taken]
+        if not candidates:
+            return seq
+        rank = {id(s): i for i, s in enumerate(self.running)}
+        return max(candidates, key=lambda s: (s.paused, not s.params.interactive, rank[id(s)]))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -103,3 +195,74 @@ class Scheduler:
         if seq.handle is not None:
             self.kv.allocator.free(seq.handle)
             seq.handle = None
+
+
+class _StepBuilder:
+    """One step under construction: what it holds, and whether more fits its program and budget."""
+
+    def __init__(self, scheduler: Scheduler, budget_s: float, now: float) -> None:
+        self.s = scheduler
+        self.budget = budget_s
+        self.now = now
+        self.items: list[ScheduledSeq] = []
+        self.rows = 0
+        self.pairs = 0
+        self.prefill_rows = 0
+        self.max_rows = scheduler.ladder.largest_rows
+
+    def has_rows(self) -> bool:
+        return self.rows < self.max_rows
+
+    def _cost(self, rows: int, seqs: int, pairs: int) -> float:
+        costs = self.s.costs
+        if costs is None:
+            return 0.0
+        return costs.predict(self.s.ladder.for_step(rows, seqs), pairs)
+
+    def _fits(self, rows: int, seqs: int, pairs: int) -> bool:
+        if rows > self.max_rows or seqs > self.s.config.max_num_seqs:
+            return False
+        return self._cost(rows, seqs, pairs) <= self.budget
+
+    def take(self, seq: Sequence, n: int, force: bool = False) -> bool:
+        pairs = attention_pairs(seq, n)
+        if not force and not self._fits(self.rows + n, len(self.items) + 1, self.pairs + pairs):
+            return False
+        if self.rows + n > self.max_rows or len(self.items) >= self.s.config.max_num_seqs:
+            return False
+        if seq.handle is None or not self.s.reserve(seq, n, self.items):
+            return False
+        self.items.append(ScheduledSeq(seq, n))
+        self.rows += n
+        self.pairs += pairs
+        if n > 1 or seq.num_uncomputed > 1:
+            self.prefill_rows += n
+        return True
+
+    def chunk_size(self, seq: Sequence) -> int:
+        """The most tokens of seq's prompt this step can take: capped by the prompt chunk size, the
+        largest program and the latency budget; sized to fill a prefill bucket when it is capped."""
+        cap = min(seq.num_uncomputed, self.s.config.prefill_chunk - self.prefill_rows, self.max_rows - self.rows)
+        if cap <= 0:
+            return 0
+        if self.s.costs is None or self.budget == math.inf:
+            return cap
+        seqs = len(self.items) + 1
+        best = 0
+        for program in self.s.ladder.prefill_fitting(self.rows + 1):
+            n = min(cap, program.num_tokens - self.rows)
+            if n > best and self._fits(self.rows + n, seqs, self.pairs + attention_pairs(seq, n)):
+                best = n
+        if best == 0 and self.s.starved(seq, self.now):
+            # Past its wait bound, a prompt gets the smallest chunk even if the step runs long.
+            best = min(cap, max(1, self.s.ladder.prefill[0].num_tokens - self.rows))
+        return best
+
+    def take_chunk(self, seq: Sequence) -> bool:
+        n = self.chunk_size(seq)
+        return n > 0 and self.take(seq, n, force=True)
+
+    def finish(self) -> ScheduledStep:
+        program = self.s.ladder.for_step(self.rows, len(self.items))
+        predicted = None if self.s.costs is None else self.s.costs.predict(program, self.pairs)
+        return ScheduledStep(program, self.items, predicted, self.budget)

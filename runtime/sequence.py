@@ -19,6 +19,7 @@ class FinishReason(str, Enum):
     STOP = "stop"  # end-of-sequence/turn token, a stop token or a stop string
     LENGTH = "length"  # max_tokens, or the context is full
     CANCELLED = "cancelled"
+    ERROR = "error"  # the step it was in failed; the engine kept running
 
 
 @dataclass(eq=False)  # identity, not field-by-field: two sequences are never the same one
@@ -46,6 +47,10 @@ class Sequence:
     num_chars_sent: int = 0
     finish_reason: FinishReason | None = None
     cancel_requested: bool = False
+    paused: bool = False  # keeps its KV, runs no step until resumed
+    error: str | None = None  # why it ended with FinishReason.ERROR
+    last_scheduled_step: int = -1  # for round-robin and the starvation bound of batch work
+    last_served_time: float = field(default_factory=time.perf_counter)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -78,6 +83,7 @@ class SeqOutput:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    error: str | None = None  # with FinishReason.ERROR: what failed
 
     @property
     def finished(self) -> bool:

@@ -72,26 +72,12 @@ class TritonModel:
         self.sin = freqs.sin().to(self.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
-    def _attention_metadata(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """Block tables, context lengths and query offsets of the step's sequences."""
-        bs = self.kv.block_size
-        tables = [span.context_slots[::bs] // bs for span in inputs.spans]
-        width = max(t.numel() for t in tables)
-        block_tables = torch.zeros(len(tables), width, dtype=torch.int32)
-        for row, table in enumerate(tables):
-            block_tables[row, :table.numel()] = table
-        seq_lens = torch.tensor([span.context_slots.numel() for span in inputs.spans], dtype=torch.int32)
-        lengths = [span.length for span in inputs.spans]
-        query_start = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        is_decode = all(n == 1 for n in lengths)
-        to = lambda t: t.to(self.device)  # noqa: E731
-        return to(block_tables), to(seq_lens), to(query_start), is_decode
-
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         cfg = self.config
         eps = cfg.rms_norm_eps
-        block_tables, seq_lens, query_start, is_decode = self._attention_metadata(inputs)
+        block_tables, seq_lens, query_start = inputs.block_tables, inputs.seq_lens, inputs.query_start
+        is_decode = inputs.program.kind == "decode"
         num_tokens = inputs.token_ids.numel()
         residual = self.w.embed[inputs.token_ids]
         h = self._rms_norm(residual, self.w.layers[0].attn_norm, eps)
@@ -116,6 +102,6 @@ class TritonModel:
             if layer_idx + 1 < len(self.w.layers):
                 h, residual = self._fused_add_rms_norm(mlp, residual, self.w.layers[layer_idx + 1].attn_norm, eps)
         # Only the rows whose logits are wanted go through the final norm and the vocabulary.
-        rows = inputs.logit_rows.to(self.device)
+        rows = inputs.logit_rows
         h, _ = self._fused_add_rms_norm(mlp[rows], residual[rows], self.w.final_norm, eps)
         return self.linear(h, None, "lm_head")

@@ -1,0 +1,124 @@
+"""The cost table: how long each step program takes on this machine, measured at start-up.
+
+The scheduler predicts a step's time as
+
+    cost(program, pairs) = base[program] + attention_s_per_pair * (pairs - covered(program))
+
+where `pairs` is the step's attention work, the sum over its sequences of new tokens times
+context tokens (query-key pairs), `base` is the program's measured time and `covered` the pairs
+that measurement already held: decode[B] is timed with every sequence at one block of context,
+prefill[T] as one sequence's first T tokens. The slope is measured once, from decode[1] at a
+short and a long context: attention is the only part of a step whose work grows with the tokens
+already cached. (Prefill attention is cheaper per pair than decode's, so the slope errs long.)
+Times are the median of a few runs after one warm-up run per program.
+
+Measuring every program takes a second or two on a small CPU, so a table is cached on disk
+under the key of everything it depends on (model, backend, device, threads, the ladder) and
+measured again only when one of those changes or when asked (`lockstep plan --calibrate`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .step_program import StepProgram
+
+log = logging.getLogger("lockstep")
+
+SHORT_CONTEXT = 16  # one block at the default block size
+LONG_CONTEXT = 1024
+RUNS = 3
+
+# run(program, context) executes one step of the program on scratch data: for decode, every
+# sequence at `context` tokens; for prefill, one sequence's first program.num_tokens tokens.
+StepRunner = Callable[[StepProgram, int], None]
+
+
+@dataclass
+class CostTable:
+    base_s: dict[str, float]  # program name -> seconds, as timed (see covered_pairs)
+    attention_s_per_pair: float
+    source: str = "measured"  # "measured" now, or "cached" from an earlier start-up
+    key: str = ""
+    measured_at: str = ""
+    long_context: int = LONG_CONTEXT
+    notes: list[str] = field(default_factory=list)
+
+    def predict(self, program: StepProgram, pairs: int) -> float:
+        """Seconds a step of `program` takes with `pairs` query-key pairs of attention."""
+        return self.base_s[program.name] + self.attention_s_per_pair * max(0, pairs - covered_pairs(program))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> CostTable:
+        return cls(**json.loads(text))
+
+
+def covered_pairs(program: StepProgram) -> int:
+    """Attention pairs in the step that timed `program` (see measure)."""
+    if program.kind == "decode":
+        return program.num_seqs * SHORT_CONTEXT
+    return program.num_tokens * (program.num_tokens + 1) // 2
+
+
+def measure(programs: list[StepProgram], run: StepRunner, max_context: int) -> CostTable:
+    """Times every program (median of RUNS after a warm-up) and the attention slope."""
+    def timed(program: StepProgram, context: int) -> float:
+        run(program, context)  # warm-up: first-touch of workspaces, kernel selection
+        times = []
+        for _ in range(RUNS):
+            t0 = time.perf_counter()
+            run(program, context)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    base = {p.name: timed(p, SHORT_CONTEXT if p.kind == "decode" else p.num_tokens) for p in programs}
+    decode1 = next(p for p in programs if p.kind == "decode" and p.num_seqs == 1)
+    long_context = min(LONG_CONTEXT, max_context - 1)
+    notes = []
+    slope = 0.0
+    if long_context > 4 * SHORT_CONTEXT:
+        slope = max(0.0, (timed(decode1, long_context) - base[decode1.name]) / (long_context - SHORT_CONTEXT))
+    else:
+        notes.append(f"the arena holds {max_context} tokens: attention slope not measured")
+    return CostTable(base, slope, key="", measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     long_context=long_context, notes=notes)
+
+
+def table_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_or_measure(programs: list[StepProgram], run: StepRunner, max_context: int, key_parts: dict,
+                    cache_dir: Path | None, force: bool = False) -> CostTable:
+    """The cached table for `key_parts` if there is one (and not `force`), else a fresh measurement,
+    saved for the next start-up. A cache that cannot be read or written is only logged."""
+    key = table_key(key_parts)
+    path = cache_dir / f"{key}.json" if cache_dir is not None else None
+    if path is not None and path.is_file() and not force:
+        try:
+            table = CostTable.from_json(path.read_text())
+            if set(table.base_s) == {p.name for p in programs}:
+                table.source = "cached"
+                return table
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("cost table %s unreadable (%s); measuring again", path, exc)
+    t0 = time.perf_counter()
+    table = measure(programs, run, max_context)
+    table.key = key
+    log.info("cost model: timed %d step programs in %.2f s", len(programs), time.perf_counter() - t0)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(table.to_json())
+        except OSError as exc:
+            log.warning("cost table not cached (%s)", exc)
+    return table

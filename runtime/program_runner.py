@@ -1,0 +1,141 @@
+"""Runs one step program: the C++ planner fills the workspace, then the model's forward reads it.
+
+The engine decides what a step holds (runtime/scheduler.py); this module turns that into the
+program's fixed-shape inputs. `lockstep._core.StepPlanner` writes every sequence's positions,
+slot mapping, block table row, length and query offset, and the padding, in one call, so the
+host's share of a step does not grow with Python loops over blocks. `run_scratch` runs a
+program on throwaway sequences for the cost model (runtime/cost_model.py).
+
+On CUDA each decode bucket is captured once as a CUDA graph at start-up (`capture_decode_graphs`)
+and replayed: a graph reads the workspace's fixed device buffers, which a step refills, and
+all its intermediate memory comes from one pool taken at capture, so a replay allocates nothing.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from lockstep import _core
+
+from .kv_cache import KVCache
+from .model import StepInputs
+from .step_program import StepProgram
+from .workspace import METADATA, StepWorkspace
+
+
+class Forward(Protocol):
+    def forward(self, inputs: StepInputs) -> torch.Tensor: ...
+
+
+class ProgramRunner:
+    def __init__(self, model: Forward, kv: KVCache, workspace: StepWorkspace) -> None:
+        self.model = model
+        self.kv = kv
+        self.workspace = workspace
+        ws = workspace
+        self.planner = _core.StepPlanner(
+            kv.allocator, ws.host_array("token_ids"), ws.host_array("positions"), ws.host_array("slot_mapping"),
+            ws.host_array("block_tables"), ws.host_array("seq_lens"), ws.host_array("query_start"),
+            null_block=kv.scratch_block)
+        self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def inputs(self, program: StepProgram, num_seqs: int, num_logits: int) -> StepInputs:
+        """The program's views of the workspace (what a captured graph reads, on CUDA)."""
+        rows = program.num_tokens
+        sizes = {"token_ids": rows, "positions": rows, "slot_mapping": rows, "logit_rows": num_logits,
+                 "block_tables": num_seqs, "seq_lens": num_seqs, "query_start": num_seqs + 1}
+        views = {name: self.workspace.metadata(name)[:sizes[name]] for name in METADATA}
+        return StepInputs(program=program, **views)
+
+    def plan(self, program: StepProgram, handles: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+             tokens: np.ndarray, logit_rows: list[int]) -> StepInputs:
+        """Fills the workspace for one step; returns the inputs the forward reads."""
+        num_seqs = program.num_seqs if program.kind == "decode" else len(handles)
+        self.planner.plan(handles, starts, counts, tokens, num_seqs, program.num_tokens)
+        self.workspace.host_array("logit_rows")[:len(logit_rows)] = logit_rows
+        self.workspace.upload(program.num_tokens, num_seqs, len(logit_rows))
+        return self.inputs(program, num_seqs, len(logit_rows))
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [len(logit_rows), vocab] of the step whose inputs plan() made."""
+        captured = self.graphs.get(inputs.program.name)
+        if captured is None:
+            return self.model.forward(inputs)
+        graph, all_logits = captured
+        graph.replay()
+        wanted = self.workspace.graph_io.tensors["logits"][:inputs.logit_rows.shape[0]]
+        return torch.index_select(all_logits, 0, inputs.logit_rows, out=wanted)
+
+    def capture_decode_graphs(self, programs: list[StepProgram]) -> None:
+        """Captures each decode program's forward as a CUDA graph, largest first, in one pool."""
+        pool = None
+        for program in sorted((p for p in programs if p.kind == "decode"), key=lambda p: -p.num_seqs):
+            handles = self._scratch_sequences(program, context=self.kv.block_size)
+            try:
+                inputs = self.plan(program, *self._scratch_plan(program, handles, self.kv.block_size),
+                                   logit_rows=[])
+                inputs.logit_rows = self.workspace.graph_io.tensors["row_ids"][:program.num_tokens]
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # compiles the kernels outside the capture
+                    for _ in range(2):
+                        self.model.forward(inputs)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.model.forward(inputs)
+                pool = graph.pool()
+                self.graphs[program.name] = (graph, logits)
+            finally:
+                self._free(handles)
+        torch.cuda.synchronize()
+
+    def scratch_length(self, program: StepProgram) -> int:
+        """Tokens each throwaway sequence of a prefill program holds: a program may have more rows
+        than one sequence can (max_model_len) or than the arena holds, so its rows are spread
+        over forks of one sequence."""
+        limit = min(self.workspace.max_blocks * self.kv.block_size, self.kv.capacity_tokens)
+        return min(program.num_tokens, limit)
+
+    def _scratch_sequences(self, program: StepProgram, context: int) -> list[int]:
+        """Throwaway sequences for `program`: forks of one sequence (blocks shared, so any program
+        fits a small arena). decode[B]: B of them at `context` tokens; prefill[T]: enough to hold
+        T rows, each computing its first scratch_length() tokens."""
+        alloc = self.kv.allocator
+        base = alloc.new_sequence()
+        length = context if program.kind == "decode" else self.scratch_length(program)
+        self.kv.reserve(base, length)
+        count = program.num_seqs if program.kind == "decode" else -(-program.num_tokens // length)
+        return [base] + [alloc.fork(base) for _ in range(count - 1)]
+
+    def _scratch_plan(self, program: StepProgram, handles: list[int], context: int):
+        n = len(handles)
+        if program.kind == "decode":
+            starts, counts = np.full(n, context - 1, np.int64), np.ones(n, np.int64)
+        else:
+            length = self.scratch_length(program)
+            starts = np.zeros(n, np.int64)
+            counts = np.full(n, length, np.int64)
+            counts[-1] = program.num_tokens - length * (n - 1)
+        tokens = np.random.default_rng(program.num_tokens).integers(0, 1000, int(counts.sum()), dtype=np.int64)
+        return np.array(handles, np.int64), starts, counts, tokens
+
+    def _free(self, handles: list[int]) -> None:
+        for handle in handles:
+            self.kv.allocator.free(handle)
+
+    def run_scratch(self, program: StepProgram, context: int) -> None:
+        """One step of `program` on throwaway sequences (random tokens; the KV they write is
+        freed after): decode[B] with every sequence at `context` tokens, prefill[T] as one
+        sequence's first T tokens."""
+        handles = self._scratch_sequences(program, context)
+        try:
+            handles_arr, starts, counts, tokens = self._scratch_plan(program, handles, context)
+            logit_rows = (np.cumsum(counts) - 1).tolist()
+            self.run(self.plan(program, handles_arr, starts, counts, tokens, logit_rows))
+            if self.kv.k.device.type == "cuda":
+                torch.cuda.synchronize()
+        finally:
+            self._free(handles)
