@@ -1,4 +1,4 @@
-"""The `lockstep` command line: generate, chat and fetch.
+"""The `lockstep` command line: generate, chat, plan and fetch.
 
 Every command works with no flags on the default model. Errors a user can act on are printed
 as one line and exit non-zero; no traceback reaches the terminal.
@@ -6,6 +6,7 @@ as one line and exit non-zero; no traceback reaches the terminal.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -26,6 +27,12 @@ EXAMPLES = {
   lockstep chat --system "You answer in one sentence." --temperature 0.7
 commands inside the chat: /reset clears the history, /exit (or Ctrl-D) quits,
 Ctrl-C stops the reply being written.
+""",
+    "plan": """examples:
+  lockstep plan                       # the default model's memory plan and step-program costs
+  lockstep plan --kv-memory 4GiB --max-num-seqs 32
+  lockstep plan --calibrate           # time every step program again instead of using the cached table
+  lockstep plan --json                # the same, as JSON
 """,
     "fetch": """examples:
   lockstep fetch                      # download and verify the default model into the cache
@@ -66,6 +73,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-kernels", choices=("native", "torch"), default="native",
                    help="torch backend matmuls on the CPU: lockstep's C++ kernel on the GGUF's blocks "
                         "(batch-invariant), or torch's float GEMM")
+    g.add_argument("--max-num-seqs", type=int, default=64,
+                   help="most sequences in one step; decode buckets are 1, 2, 4, ... up to it (default: 64)")
+    g.add_argument("--max-batched-tokens", type=int, default=256,
+                   help="token rows of the largest step program (default: 256)")
+    g.add_argument("--prefill-chunk", type=int, default=None,
+                   help="most prompt tokens one step takes (default: --max-batched-tokens)")
+    g.add_argument("--itl-target-ms", type=float, default=50.0,
+                   help="inter-token latency kept for interactive requests; batch work is held back "
+                        "to meet it (default: 50)")
+    g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not share KV blocks between requests with a common prompt prefix")
+    g.add_argument("--calibrate", dest="calibrate", action="store_const", const="measure", default="auto",
+                   help="time every step program at start-up, even if this machine has a cached cost table")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
 
 
@@ -105,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     _add_model_args(chat)
 
+    plan = command("plan", "Print the static plan: memory regions, KV capacity and each step program's cost.")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_model_args(plan)
+
     fetch = command("fetch", "Download and verify the default model into lockstep's cache.")
     fetch.add_argument("--quiet", action="store_true", help="print only the model's path")
     return parser
@@ -119,7 +143,10 @@ def _engine(args: argparse.Namespace):
     return Engine(model, EngineConfig(kv_memory_bytes=args.kv_memory, max_model_len=args.max_model_len,
                                       threads=args.threads, backend=args.backend, device=args.device,
                                       attention=args.attention, weights=args.weights,
-                                      cpu_kernels=args.cpu_kernels)), model
+                                      cpu_kernels=args.cpu_kernels, max_num_seqs=args.max_num_seqs,
+                                      max_batched_tokens=args.max_batched_tokens,
+                                      prefill_chunk=args.prefill_chunk, itl_target_ms=args.itl_target_ms,
+                                      prefix_cache=args.prefix_cache, calibrate=args.calibrate)), model
 
 
 def _params(args: argparse.Namespace):
@@ -205,6 +232,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"lockstep: error: {exc}", file=sys.stderr)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan_report import plan_json, plan_text
+
+    engine, model = _engine(args)
+    print(json.dumps(plan_json(engine), indent=1) if args.json else plan_text(engine, model.source.name))
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .fetch import ensure_model
 
@@ -217,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="lockstep: %(message)s")
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "fetch": cmd_fetch}
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "plan": cmd_plan, "fetch": cmd_fetch}
     try:
         return handlers[args.command](args)
     except LockstepError as exc:
