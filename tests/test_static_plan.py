@@ -1,0 +1,160 @@
+"""The static plan on the CPU: planned memory only, fixed step programs, the cost table, and
+the sequence primitives and faults around them (runtime/memory_plan.py, step_program.py,
+cost_model.py, program_runner.py)."""
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from lockstep.runtime.cli import main
+from lockstep.runtime.engine import CancelStatus
+from lockstep.runtime.sampling_params import SamplingParams
+from lockstep.runtime.sequence import FinishReason
+from lockstep.runtime.step_program import ProgramLadder, decode_buckets, prefill_buckets
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+PROMPT = "A short story about a lighthouse keeper and a storm:"
+
+
+def test_program_ladders() -> None:
+    assert decode_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert decode_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert prefill_buckets(256) == [16, 24, 32, 48, 64, 96, 128, 192, 256]
+    assert prefill_buckets(100) == [16, 24, 32, 48, 64, 96, 100]
+    ladder = ProgramLadder(8, 64)
+    assert ladder.for_step(3, 3).name == "decode[4]"
+    assert ladder.for_step(9, 3).name == "prefill[16]"
+    assert ladder.for_step(17, 8).name == "prefill[24]"
+    with pytest.raises(ValueError, match="no step program"):
+        ladder.for_step(65, 2)
+
+
+def test_guarded_steps_use_only_planned_memory(make_engine) -> None:
+    """With the guard on, every buffer a native op gets is checked against the plan; and numpy
+    allocates nothing during a step (tracemalloc sees numpy's data allocations)."""
+    engine = make_engine(guard_memory=True)
+    engine.generate([PROMPT], GREEDY)  # warm-up
+    seqs = [engine.add_request(PROMPT + " " * i, GREEDY) for i in range(3)]
+    forward = engine.runner.forward
+    allocated = []
+
+    def traced(inputs):
+        tracemalloc.start()
+        try:
+            return forward(inputs)
+        finally:
+            snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)])
+            allocated.append(sum(stat.size for stat in snapshot.statistics("filename")))
+            tracemalloc.stop()
+
+    engine.runner.forward = traced
+    engine.run_until_done(seqs)
+    assert all(s.finish_reason is FinishReason.LENGTH for s in seqs)
+    assert len(allocated) >= 8 and max(allocated) == 0, f"numpy bytes allocated inside steps: {allocated}"
+
+
+def test_the_guard_catches_an_unplanned_buffer_and_fails_only_that_step(make_engine) -> None:
+    engine = make_engine(guard_memory=True)
+    workspace = engine.workspace
+    planned = workspace.activation
+    workspace.activation = lambda name: planned(name).clone() if name == "attn" else planned(name)
+    bad = engine.generate([PROMPT], GREEDY)[0]
+    assert bad.finish_reason is FinishReason.ERROR
+    assert "not in the memory plan" in engine.last_error
+    workspace.activation = planned
+    good = engine.generate([PROMPT], GREEDY)[0]
+    assert good.finish_reason is FinishReason.LENGTH and len(good.output_ids) == 8
+    assert engine.kv.allocator.num_sequences() == 0
+
+
+def test_a_failed_step_fails_its_sequences_and_the_engine_keeps_serving(make_engine) -> None:
+    engine = make_engine()
+    victim = engine.add_request(PROMPT, GREEDY)
+    paused = engine.add_request("Another prompt entirely", GREEDY)
+    engine.pause(paused.seq_id)
+    run = engine.programs.run
+    calls = []
+
+    def fail_once(inputs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return run(inputs)
+
+    engine.programs.run = fail_once
+    outputs = engine.step()
+    assert [(o.seq_id, o.finish_reason) for o in outputs] == [(victim.seq_id, FinishReason.ERROR)]
+    assert "injected fault" in outputs[0].error
+    engine.resume(paused.seq_id)
+    engine.run_until_done([paused])
+    assert paused.finish_reason is FinishReason.LENGTH and len(paused.output_ids) == 8
+    assert engine.kv.allocator.num_sequences() == 0
+
+
+def test_cancel_answers_for_live_finished_and_unknown_sequences(make_engine) -> None:
+    engine = make_engine()
+    done = engine.generate([PROMPT], GREEDY)[0]
+    assert engine.cancel(done.seq_id) is CancelStatus.ALREADY_FINISHED
+    assert engine.cancel(10_000) is CancelStatus.UNKNOWN
+    live = engine.add_request(PROMPT, GREEDY)
+    engine.step()
+    assert engine.cancel(live.seq_id) is CancelStatus.CANCELLING
+    outputs = engine.step()
+    assert [(o.seq_id, o.finish_reason) for o in outputs] == [(live.seq_id, FinishReason.CANCELLED)]
+    assert engine.cancel(live.seq_id) is CancelStatus.ALREADY_FINISHED
+    assert engine.step() == [] and engine.kv.allocator.num_free_blocks() == engine.kv.num_blocks
+    assert not engine.scheduler.running and not engine.scheduler.waiting and not engine.seqs
+
+
+def test_pause_and_resume_continue_exactly(make_engine) -> None:
+    engine = make_engine()
+    reference = engine.generate([PROMPT], GREEDY)[0]
+    seq = engine.add_request(PROMPT, GREEDY)
+    other = engine.add_request("Meanwhile, somewhere else,", GREEDY)
+    while len(seq.output_ids) < 3:
+        engine.step()
+    engine.pause(seq.seq_id)
+    held = len(seq.output_ids)
+    engine.run_until_done([other])
+    assert len(seq.output_ids) == held and not seq.finished
+    engine.resume(seq.seq_id)
+    engine.run_until_done([seq])
+    assert seq.output_ids == reference.output_ids and seq.output_logprobs == reference.logprobs
+
+
+def test_append_to_a_paused_sequence_waits_for_resume(make_engine) -> None:
+    engine = make_engine()
+    whole = engine.generate([PROMPT + " It was a dark night."], GREEDY)[0]
+    seq = engine.add_request(PROMPT, GREEDY, generate=False)
+    engine.step()
+    engine.pause(seq.seq_id)
+    engine.append(seq.seq_id, " It was a dark night.")
+    assert not engine.has_work()
+    engine.resume(seq.seq_id)
+    engine.commit(seq.seq_id)
+    engine.run_until_done([seq])
+    assert seq.output_ids == whole.output_ids
+
+
+def test_plan_command_prints_regions_capacity_and_costs(capsys, default_model_path) -> None:
+    assert main(["plan", "--kv-memory", "64MiB", "--max-num-seqs", "8", "--max-batched-tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("kv.k", "kv.v", "weights.embed", "weights.gguf.q4_1.wqkv", "workspace.activations",
+                   "decode[8]", "prefill[64]", "KV arena:", "tokens/s"):
+        assert needle in out, needle
+    assert main(["plan", "--json", "--kv-memory", "64MiB", "--max-num-seqs", "8", "--max-batched-tokens", "64"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    names = [p["name"] for p in plan["programs"]]
+    assert names == ["decode[1]", "decode[2]", "decode[4]", "decode[8]",
+                     "prefill[16]", "prefill[24]", "prefill[32]", "prefill[48]", "prefill[64]"]
+    assert all(p["seconds"] > 0 for p in plan["programs"])
+    # A bigger program takes longer: the table measures, it does not make numbers up.
+    seconds = {p["name"]: p["seconds"] for p in plan["programs"]}
+    assert seconds["prefill[64]"] > seconds["decode[1]"]
+    kv = {r["name"]: r["nbytes"] for r in plan["regions"]}
+    cap = plan["capacity"]
+    assert kv["kv.k"] == kv["kv.v"] == (cap["kv_blocks"] + 1) * cap["block_size"] * 30 * 3 * 64 * 4
+    assert plan["total_bytes"] == sum(r["nbytes"] for r in plan["regions"])
