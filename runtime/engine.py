@@ -145,6 +145,10 @@ class Engine:
     def _cost_table(self, model: LoadedModel) -> CostTable | None:
         if self.config.calibrate == "off":
             return None
+        if self.backend == "triton" and self.device.type == "cpu":
+            # The interpreter runs kernels for correctness; its step times predict nothing.
+            log.info("cost model: off (triton on the CPU runs under the interpreter)")
+            return None
         device = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() \
             or platform.machine()
         key = {

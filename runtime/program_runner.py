@@ -19,6 +19,7 @@ import torch
 
 from lockstep import _core
 
+from .config import ModelConfig
 from .kv_cache import KVCache
 from .model import StepInputs
 from .step_program import StepProgram
@@ -26,6 +27,8 @@ from .workspace import METADATA, StepWorkspace
 
 
 class Forward(Protocol):
+    config: ModelConfig
+
     def forward(self, inputs: StepInputs) -> torch.Tensor: ...
 
 
@@ -119,7 +122,8 @@ class ProgramRunner:
             starts = np.zeros(n, np.int64)
             counts = np.full(n, length, np.int64)
             counts[-1] = program.num_tokens - length * (n - 1)
-        tokens = np.random.default_rng(program.num_tokens).integers(0, 1000, int(counts.sum()), dtype=np.int64)
+        vocab = self.model.config.vocab_size
+        tokens = np.random.default_rng(program.num_tokens).integers(0, vocab, int(counts.sum()), dtype=np.int64)
         return np.array(handles, np.int64), starts, counts, tokens
 
     def _free(self, handles: list[int]) -> None:
