@@ -48,3 +48,19 @@ def test_step_planner_benchmark_dry_run() -> None:
     rows = [line for line in out.splitlines() if line.startswith("| 4 |")]
     assert [row.split("|")[2].strip() for row in rows] == ["20", "70"], out
     assert "empty plan" in out
+
+
+def test_host_overhead_dry_run() -> None:
+    """CPU-only and quick: every part of the host's step prints a row per batch, and the verdict prints.
+    It times nothing that the test checks; it proves the timers wrap what Engine.step calls."""
+    out = run_script("host_overhead.py")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 1 |", "| 4 |"))]
+    parts = {(row[1].strip(), row[2].strip()) for row in rows}
+    for batch in ("1", "4"):
+        for part in ("Scheduler.schedule", "ProgramRunner.plan", "of which C++ planner", "sampler.sample",
+                     "detokenizer", "rest of Engine.step", "host total (sum of parts)", "Engine.step, no timers"):
+            assert (batch, part) in parts, out
+    sampled = [line for line in out.splitlines() if line.startswith("| 1024 |")]
+    assert [row.split("|")[2:4] for row in sampled] == [[" 1 ", " greedy "], [" 1 ", " top_p 0.9, T 0.8 "],
+                                                        [" 4 ", " greedy "], [" 4 ", " top_p 0.9, T 0.8 "]], out
+    assert "C++ step planner at batch 4" in out and "Whole host step at batch 4" in out, out
