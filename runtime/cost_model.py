@@ -10,7 +10,7 @@ that measurement already held: decode[B] is timed with every sequence at one blo
 prefill[T] as one sequence's first T tokens. The slope is measured once, from decode[1] at a
 short and a long context: attention is the only part of a step whose work grows with the tokens
 already cached. (Prefill attention is cheaper per pair than decode's, so the slope errs long.)
-Times are the median of a few runs after one warm-up run per program.
+Times are the median of five runs, after every program has run once.
 
 Measuring every program takes a second or two on a small CPU, so a table is cached on disk
 under the key of everything it depends on (model, backend, device, threads, the ladder) and
@@ -33,7 +33,7 @@ log = logging.getLogger("lockstep")
 
 SHORT_CONTEXT = 16  # one block at the default block size
 LONG_CONTEXT = 1024
-RUNS = 3
+RUNS = 5
 
 # run(program, context) executes one step of the program on scratch data: for decode, every
 # sequence at `context` tokens; for prefill, one sequence's first program.num_tokens tokens.
@@ -71,8 +71,16 @@ def covered_pairs(program: StepProgram) -> int:
 
 def measure(programs: list[StepProgram], run: StepRunner, max_context: int) -> CostTable:
     """Times every program (median of RUNS after a warm-up) and the attention slope."""
+    def context_of(program: StepProgram) -> int:
+        return SHORT_CONTEXT if program.kind == "decode" else program.num_tokens
+
+    # Every program runs once before any is timed: the first steps after start-up pay for page
+    # faults on weights and workspaces and for cold caches (up to 2x on a small CPU).
+    for program in programs:
+        run(program, context_of(program))
+
     def timed(program: StepProgram, context: int) -> float:
-        run(program, context)  # warm-up: first-touch of workspaces, kernel selection
+        run(program, context)
         times = []
         for _ in range(RUNS):
             t0 = time.perf_counter()
@@ -80,7 +88,7 @@ def measure(programs: list[StepProgram], run: StepRunner, max_context: int) -> C
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    base = {p.name: timed(p, SHORT_CONTEXT if p.kind == "decode" else p.num_tokens) for p in programs}
+    base = {p.name: timed(p, context_of(p)) for p in programs}
     decode1 = next(p for p in programs if p.kind == "decode" and p.num_seqs == 1)
     long_context = min(LONG_CONTEXT, max_context - 1)
     notes = []

@@ -64,3 +64,13 @@ def test_host_overhead_dry_run() -> None:
     assert [row.split("|")[2:4] for row in sampled] == [[" 1 ", " greedy "], [" 1 ", " top_p 0.9, T 0.8 "],
                                                         [" 4 ", " greedy "], [" 4 ", " top_p 0.9, T 0.8 "]], out
     assert "C++ step planner at batch 4" in out and "Whole host step at batch 4" in out, out
+
+
+def test_latency_benchmark_dry_run() -> None:
+    """bench/latency.py end to end on a tiny synthetic model: both phases, the table and the
+    batch-invariance check (the script exits non-zero if the interactive stream's tokens change)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "latency.py"), "--dry-run"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| alone |" in proc.stdout and "| beside 4 batch streams |" in proc.stdout, proc.stdout
+    assert "same tokens alone and under load: True" in proc.stdout
