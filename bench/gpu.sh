@@ -21,6 +21,9 @@ status=0
 python bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" || status=1
 python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 || status=1
 python bench/gpu_e2e.py --out "$OUT" 2>&1 | tee "$OUT/gpu_e2e.log" || status=1
+# Latency determinism on the GPU (issue 5: p99/p50 <= 1.15): decode graphs, Triton kernels.
+python bench/latency.py --model synthetic:llama-3.2-1b --out "$OUT/latency_gpu.json" 2>&1 | tee "$OUT/latency.log" || status=1
 
 echo; echo "== summary =="; cat "$OUT/kernels.md" 2>/dev/null; tail -8 "$OUT/gpu_e2e.log" 2>/dev/null
+tail -7 "$OUT/latency.log" 2>/dev/null
 exit $status

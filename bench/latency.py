@@ -138,8 +138,8 @@ def main() -> int:
     engine = Engine(model, EngineConfig(threads=args.threads, max_num_seqs=64, kv_memory_bytes=2 << 30,
                                         calibrate="auto"))
     steps = StepLog(engine)
-    if args.dry_run:
-        prompt_ids = list(range(5, 25))
+    if args.dry_run or str(model.source).startswith("synthetic:"):
+        prompt_ids = list(range(5, 25 if args.dry_run else 65))  # random weights: any ids will do
     else:
         prompt_ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
     greedy = dict(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)

@@ -10,7 +10,8 @@ that measurement already held: decode[B] is timed with every sequence at one blo
 prefill[T] as one sequence's first T tokens. The slope is measured once, from decode[1] at a
 short and a long context: attention is the only part of a step whose work grows with the tokens
 already cached. (Prefill attention is cheaper per pair than decode's, so the slope errs long.)
-Times are the median of five runs, after every program has run once.
+Times are the median of up to five runs (two for long programs), after the cheap programs
+have each run once.
 
 Measuring every program takes a second or two on a small CPU, so a table is cached on disk
 under the key of everything it depends on (model, backend, device, threads, the ladder) and
@@ -34,6 +35,8 @@ log = logging.getLogger("lockstep")
 SHORT_CONTEXT = 16  # one block at the default block size
 LONG_CONTEXT = 1024
 RUNS = 5
+MIN_RUNS = 2
+LONG_ENOUGH_S = 0.2  # a program's runs stop at 2 once they have taken this long
 
 # run(program, context) executes one step of the program on scratch data: for decode, every
 # sequence at `context` tokens; for prefill, one sequence's first program.num_tokens tokens.
@@ -70,19 +73,20 @@ def covered_pairs(program: StepProgram) -> int:
 
 
 def measure(programs: list[StepProgram], run: StepRunner, max_context: int) -> CostTable:
-    """Times every program (median of RUNS after a warm-up) and the attention slope."""
+    """Times every program and the attention slope (see the module docstring)."""
     def context_of(program: StepProgram) -> int:
         return SHORT_CONTEXT if program.kind == "decode" else program.num_tokens
 
-    # Every program runs once before any is timed: the first steps after start-up pay for page
-    # faults on weights and workspaces and for cold caches (up to 2x on a small CPU).
+    # The first steps after start-up pay for page faults on weights and workspaces and for cold
+    # caches (up to 2x on a small CPU), so the cheap programs all run once before any is timed.
+    # Long programs are timed fewer times: their run-to-run noise is a smaller fraction.
     for program in programs:
-        run(program, context_of(program))
+        if program.kind == "decode" or program.num_tokens <= 16:
+            run(program, context_of(program))
 
     def timed(program: StepProgram, context: int) -> float:
-        run(program, context)
         times = []
-        for _ in range(RUNS):
+        while len(times) < RUNS and (len(times) < MIN_RUNS or sum(times) < LONG_ENOUGH_S):
             t0 = time.perf_counter()
             run(program, context)
             times.append(time.perf_counter() - t0)

@@ -60,7 +60,8 @@ def test_types_the_kernel_lacks_stay_dense(tmp_path: Path) -> None:
 def test_triton_backend_on_quantized_weights_matches_torch(tmp_path: Path, qtype, embed) -> None:
     path = write_tiny_gguf(tmp_path / "tiny.gguf", TinySpec(**SPEC, qtype=qtype, embed_qtype=embed), seed=7)
     model = load_model(path, quiet=True)
-    prompts = ["the theme", "a sin on the"]  # a batch: ragged prefill, then batched decode
+    # A batch of three: ragged prefill padded to a bucket, then decode[4] with one padded sequence.
+    prompts = ["the theme", "a sin on the", "on"]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=0)
     config = dict(kv_memory_bytes=4 << 20, block_size=16)
     reference = Engine(model, EngineConfig(backend="torch", **config)).generate(prompts, params)
