@@ -201,7 +201,7 @@ class _StepBuilder:
     """One step under construction: what it holds, and whether more fits its program and budget."""
 
     def __init__(self, scheduler: Scheduler, budget_s: float, now: float) -> None:
-        self.s = scheduler
+        self.scheduler = scheduler
         self.budget = budget_s
         self.now = now
         self.items: list[ScheduledSeq] = []
@@ -214,13 +214,13 @@ class _StepBuilder:
         return self.rows < self.max_rows
 
     def _cost(self, rows: int, seqs: int, pairs: int) -> float:
-        costs = self.s.costs
+        costs = self.scheduler.costs
         if costs is None:
             return 0.0
-        return costs.predict(self.s.ladder.for_step(rows, seqs), pairs)
+        return costs.predict(self.scheduler.ladder.for_step(rows, seqs), pairs)
 
     def _fits(self, rows: int, seqs: int, pairs: int) -> bool:
-        if rows > self.max_rows or seqs > self.s.config.max_num_seqs:
+        if rows > self.max_rows or seqs > self.scheduler.config.max_num_seqs:
             return False
         return self._cost(rows, seqs, pairs) <= self.budget
 
@@ -228,9 +228,9 @@ class _StepBuilder:
         pairs = attention_pairs(seq, n)
         if not force and not self._fits(self.rows + n, len(self.items) + 1, self.pairs + pairs):
             return False
-        if self.rows + n > self.max_rows or len(self.items) >= self.s.config.max_num_seqs:
+        if self.rows + n > self.max_rows or len(self.items) >= self.scheduler.config.max_num_seqs:
             return False
-        if seq.handle is None or not self.s.reserve(seq, n, self.items):
+        if seq.handle is None or not self.scheduler.reserve(seq, n, self.items):
             return False
         self.items.append(ScheduledSeq(seq, n))
         self.rows += n
@@ -242,20 +242,20 @@ class _StepBuilder:
     def chunk_size(self, seq: Sequence) -> int:
         """The most tokens of seq's prompt this step can take: capped by the prompt chunk size, the
         largest program and the latency budget; sized to fill a prefill bucket when it is capped."""
-        cap = min(seq.num_uncomputed, self.s.config.prefill_chunk - self.prefill_rows, self.max_rows - self.rows)
+        cap = min(seq.num_uncomputed, self.scheduler.config.prefill_chunk - self.prefill_rows, self.max_rows - self.rows)
         if cap <= 0:
             return 0
-        if self.s.costs is None or self.budget == math.inf:
+        if self.scheduler.costs is None or self.budget == math.inf:
             return cap
         seqs = len(self.items) + 1
         best = 0
-        for program in self.s.ladder.prefill_fitting(self.rows + 1):
+        for program in self.scheduler.ladder.prefill_fitting(self.rows + 1):
             n = min(cap, program.num_tokens - self.rows)
             if n > best and self._fits(self.rows + n, seqs, self.pairs + attention_pairs(seq, n)):
                 best = n
-        if best == 0 and self.s.starved(seq, self.now):
+        if best == 0 and self.scheduler.starved(seq, self.now):
             # Past its wait bound, a prompt gets the smallest chunk even if the step runs long.
-            best = min(cap, max(1, self.s.ladder.prefill[0].num_tokens - self.rows))
+            best = min(cap, max(1, self.scheduler.ladder.prefill[0].num_tokens - self.rows))
         return best
 
     def take_chunk(self, seq: Sequence) -> bool:
@@ -263,6 +263,6 @@ class _StepBuilder:
         return n > 0 and self.take(seq, n, force=True)
 
     def finish(self) -> ScheduledStep:
-        program = self.s.ladder.for_step(self.rows, len(self.items))
-        predicted = None if self.s.costs is None else self.s.costs.predict(program, self.pairs)
+        program = self.scheduler.ladder.for_step(self.rows, len(self.items))
+        predicted = None if self.scheduler.costs is None else self.scheduler.costs.predict(program, self.pairs)
         return ScheduledStep(program, self.items, predicted, self.budget)
