@@ -327,6 +327,11 @@ class Engine:
         """Lets a paused sequence run again from where it stopped."""
         self._live(seq_id).paused = False
 
+    def finish_all(self, reason: FinishReason, error: str | None = None) -> list[SeqOutput]:
+        """Ends every live sequence now, each with one terminal output (shutdown, or a step that
+        left the engine's state in doubt)."""
+        return [self._finish(seq, reason, error=error) for seq in list(self.seqs.values())]
+
     # --- the step --------------------------------------------------------------------------------
 
     def has_work(self) -> bool:

@@ -1,0 +1,163 @@
+"""The engine behind a server: one thread steps it, any number of asyncio callers stream from it.
+
+The engine is single-threaded by design (every sequence operation happens between steps), so
+callers never touch it. They send commands (add a request, cancel, fork, ...) through a queue;
+the engine thread applies every queued command between two steps, answers each through a
+future, runs the step, and hands each output to its stream's asyncio queue on the caller's
+event loop. A caller that stops listening (a client disconnect) cancels its sequence, which
+ends at the next step boundary and frees its blocks.
+
+Guarantees a server builds on:
+- every accepted request ends with exactly one finished output (stop, length, cancelled or
+  error), whatever happens to the step it was in;
+- the waiting queue is bounded: beyond `max_waiting` requests, new ones are refused with
+  OverloadedError (HTTP 429 / RESOURCE_EXHAUSTED) instead of queueing without limit;
+- bad requests are refused with the engine's own LockstepError, before anything is queued.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Sequence as Seq, TypeVar
+
+from .engine import Engine
+from .errors import LockstepError
+from .sampling_params import SamplingParams
+from .sequence import FinishReason, SeqOutput
+
+log = logging.getLogger("lockstep")
+
+T = TypeVar("T")
+IDLE_WAIT_S = 0.5  # how long an idle engine thread sleeps between checks for shutdown
+
+
+class OverloadedError(LockstepError):
+    """The waiting queue is full; the client should retry later."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_waiting: int = 256) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        self._streams: dict[int, _Stream] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lockstep-engine", daemon=True)
+
+    def start(self) -> AsyncEngine:
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the engine thread after its current step; live streams end as cancelled."""
+        self._stop.set()
+        self._commands.put((lambda: None, Future()))  # wakes an idle thread
+        self._thread.join(timeout)
+
+    # --- callers (any thread / event loop) ---------------------------------------------------------
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Runs fn on the engine thread between two steps; its result or its error comes back."""
+        future: Future = Future()
+        self._commands.put((fn, future))
+        return await asyncio.wrap_future(future)
+
+    async def generate(self, prompt: str | Seq[int], params: SamplingParams) -> AsyncIterator[SeqOutput]:
+        """Queues a request and yields its outputs as they come, the finished one last.
+
+        Raises what add_request raises (InvalidRequestError, ContextLengthError) or
+        OverloadedError before the first output. Leaving the loop early cancels the request."""
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+
+        def add() -> int:
+            if self.engine.scheduler.num_waiting >= self.max_waiting:
+                raise OverloadedError(f"{self.max_waiting} requests are already waiting; retry later")
+            seq = self.engine.add_request(prompt, params)
+            self._streams[seq.seq_id] = stream
+            return seq.seq_id
+
+        future: Future = Future()
+        self._commands.put((add, future))
+        try:
+            seq_id = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # Gone before the engine answered: if the request was added after all, cancel it.
+            future.add_done_callback(self._cancel_if_added)
+            raise
+        finished = False
+        try:
+            while not finished:
+                out = await stream.outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:  # the caller went away: stop generating for it
+                self._commands.put((lambda: self._abandon(seq_id), Future()))
+
+    def _cancel_if_added(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            seq_id = future.result()
+            self._commands.put((lambda: self._abandon(seq_id), Future()))
+
+    def _abandon(self, seq_id: int) -> None:
+        """Nobody listens to this sequence any more (engine thread): cancel it, drop its stream."""
+        self._streams.pop(seq_id, None)
+        self.engine.cancel(seq_id)
+
+    # --- the engine thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            self._apply_commands(block=not engine.has_work())
+            if self._stop.is_set():
+                break
+            if not engine.has_work():
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # noqa: BLE001 - a bug in a step must not hang every client
+                log.exception("engine step raised outside the forward; failing every live request")
+                outputs = engine.finish_all(FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+            self._dispatch(outputs)
+        self._dispatch(engine.finish_all(FinishReason.CANCELLED))
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            fn, future = self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # noqa: BLE001 - the caller gets its own error back
+                    future.set_exception(exc)
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self, outputs: list[SeqOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.seq_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.seq_id]
+            try:
+                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
+            except RuntimeError:  # the caller's event loop is closed: nobody will read this
+                self._abandon(out.seq_id)
+

@@ -1,0 +1,107 @@
+"""The engine behind a server (runtime/async_engine.py): concurrent asyncio streams, disconnects,
+overload and bad requests, on the default model.
+
+Expectations are other runs of lockstep: a stream served beside others must equal the same
+request run alone on a plain Engine (batch invariance through the thread boundary).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from lockstep.runtime.async_engine import AsyncEngine, OverloadedError
+from lockstep.runtime.errors import ContextLengthError
+from lockstep.runtime.sampling_params import SamplingParams
+from lockstep.runtime.sequence import FinishReason
+
+PROMPTS = ["The first rule of the garden is", "def add(a, b):", "Three colours of the sea:",
+           "Once, in a small town by the river,", "The moon is", "Dear diary, today I", "1, 1, 2, 3, 5,",
+           "A recipe for pancakes:"]
+
+
+def params(i: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=6 + i, ignore_eos=True, logprobs=0)
+
+
+async def collect(engine: AsyncEngine, prompt, sp: SamplingParams):
+    outs = [out async for out in engine.generate(prompt, sp)]
+    return outs
+
+
+def test_concurrent_streams_equal_each_request_alone(make_engine) -> None:
+    alone = make_engine()
+    expected = [alone.generate([p], params(i))[0] for i, p in enumerate(PROMPTS)]
+    served = AsyncEngine(make_engine()).start()
+    try:
+        async def run_all():
+            return await asyncio.gather(*(collect(served, p, params(i)) for i, p in enumerate(PROMPTS)))
+        results = asyncio.run(run_all())
+    finally:
+        served.shutdown()
+    for outs, want in zip(results, expected):
+        assert sum(o.finished for o in outs) == 1 and outs[-1].finished, "exactly one terminal output, last"
+        assert [o.token_id for o in outs if o.token_id is not None] == want.output_ids
+        assert [o.logprob for o in outs if o.token_id is not None] == want.logprobs
+        assert "".join(o.text for o in outs) == want.text
+    assert served.engine.kv.allocator.num_sequences() == 0
+
+
+def test_a_caller_that_leaves_cancels_its_request_and_frees_its_blocks(make_engine) -> None:
+    served = AsyncEngine(make_engine()).start()
+    try:
+        async def leave_early():
+            stream = served.generate(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
+            got = 0
+            async for out in stream:
+                got += out.token_id is not None
+                if got == 3:
+                    break
+            await stream.aclose()
+            return got
+        assert asyncio.run(leave_early()) == 3
+        deadline = time.monotonic() + 5
+        while served.engine.kv.allocator.num_sequences() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert served.engine.kv.allocator.num_sequences() == 0
+        assert not served.engine.seqs and served.engine.kv.usage() == 0.0
+    finally:
+        served.shutdown()
+
+
+def test_overload_and_bad_requests_are_refused_and_the_engine_keeps_serving(make_engine) -> None:
+    served = AsyncEngine(make_engine(), max_waiting=2)  # not started: all five adds meet one queue
+
+    async def submit_five():
+        tasks = [asyncio.ensure_future(collect(served, p, params(1))) for p in PROMPTS[:5]]
+        await asyncio.sleep(0)  # every add is queued before the engine thread reads any
+        served.start()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        results = asyncio.run(submit_five())
+        assert [isinstance(r, OverloadedError) for r in results] == [False, False, True, True, True]
+        assert all(r[-1].finish_reason is FinishReason.LENGTH for r in results[:2])
+
+        async def too_long():
+            return await collect(served, list(range(100, 100 + served.engine.max_model_len)), params(1))
+        with pytest.raises(ContextLengthError):
+            asyncio.run(too_long())
+        again = asyncio.run(collect(served, PROMPTS[0], params(1)))
+        assert again[-1].finish_reason is FinishReason.LENGTH
+    finally:
+        served.shutdown()
+
+
+def test_shutdown_ends_live_streams_once(make_engine) -> None:
+    served = AsyncEngine(make_engine()).start()
+
+    async def run():
+        stream = served.generate(PROMPTS[1], SamplingParams(max_tokens=500, ignore_eos=True))
+        outs = [await stream.__anext__()]
+        served.shutdown()
+        outs += [o async for o in stream]
+        return outs
+    outs = asyncio.run(run())
+    assert sum(o.finished for o in outs) == 1 and outs[-1].finish_reason is FinishReason.CANCELLED
