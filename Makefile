@@ -16,7 +16,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install torch==2.13.0
 	$(PIP) install scikit-build-core pybind11 "numpy>=1.26" "gguf>=0.10" "tokenizers>=0.21" \
 		"jinja2>=3.1" "safetensors>=0.4" "tqdm>=4.66" "triton>=3.6" "pytest>=8" "transformers>=4.46" "accelerate>=1.0" \
-		"nvidia-cuda-nvrtc>=13"
+		"nvidia-cuda-nvrtc>=13" "fastapi>=0.110" "uvicorn>=0.29" "prometheus-client>=0.20" "grpcio>=1.60" \
+		"grpcio-tools>=1.60" "openai>=1.0" "httpx>=0.27"
 	touch $@
 
 # The C++ core is rebuilt whenever its sources change; Python edits are live (editable).

@@ -20,14 +20,15 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence as Seq, TypeVar
+from typing import AsyncIterator, Callable, Protocol, Sequence as Seq, TypeVar
 
 from .engine import Engine
 from .errors import LockstepError
 from .sampling_params import SamplingParams
-from .sequence import FinishReason, SeqOutput
+from .sequence import FinishReason, SeqOutput, Sequence
 
 log = logging.getLogger("lockstep")
 
@@ -39,6 +40,16 @@ class OverloadedError(LockstepError):
     """The waiting queue is full; the client should retry later."""
 
 
+class Observer(Protocol):
+    """What a metrics collector hears, on the engine thread (runtime/metrics.py)."""
+
+    def on_added(self, seq: Sequence, now: float) -> None: ...
+
+    def on_step(self, engine: Engine, seconds: float) -> None: ...  # engine.last_step is the step
+
+    def on_output(self, out: SeqOutput, now: float) -> None: ...
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -46,9 +57,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_waiting: int = 256) -> None:
+    def __init__(self, engine: Engine, max_waiting: int = 256, observer: Observer | None = None) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
+        self.observer = observer
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._streams: dict[int, _Stream] = {}
         self._stop = threading.Event()
@@ -72,29 +84,45 @@ class AsyncEngine:
         self._commands.put((fn, future))
         return await asyncio.wrap_future(future)
 
-    async def generate(self, prompt: str | Seq[int], params: SamplingParams) -> AsyncIterator[SeqOutput]:
-        """Queues a request and yields its outputs as they come, the finished one last.
-
-        Raises what add_request raises (InvalidRequestError, ContextLengthError) or
-        OverloadedError before the first output. Leaving the loop early cancels the request."""
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
+    async def open(self, prompt: str | Seq[int], params: SamplingParams, generate: bool = True) -> int:
+        """Queues a request (generate=False: prefill only, until commit) with a stream for its
+        outputs; returns its sequence id. Raises what add_request raises, or OverloadedError."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        now = time.perf_counter()
 
         def add() -> int:
             if self.engine.scheduler.num_waiting >= self.max_waiting:
                 raise OverloadedError(f"{self.max_waiting} requests are already waiting; retry later")
-            seq = self.engine.add_request(prompt, params)
+            seq = self.engine.add_request(prompt, params, generate=generate)
             self._streams[seq.seq_id] = stream
+            if self.observer is not None:
+                self.observer.on_added(seq, now)
             return seq.seq_id
 
         future: Future = Future()
         self._commands.put((add, future))
         try:
-            seq_id = await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
             # Gone before the engine answered: if the request was added after all, cancel it.
             future.add_done_callback(self._cancel_if_added)
             raise
+
+    async def watch(self, seq_id: int, stream: _Stream | None = None) -> _Stream:
+        """A stream for a live sequence made on the engine thread (a fork): its outputs from now on."""
+        stream = stream or _Stream(asyncio.get_running_loop(), asyncio.Queue())
+
+        def attach() -> _Stream:
+            self.engine._live(seq_id)
+            self._streams[seq_id] = stream
+            return stream
+        return await self.call(attach)
+
+    async def outputs(self, seq_id: int) -> AsyncIterator[SeqOutput]:
+        """Yields a sequence's outputs, the finished one last. Leaving early cancels it."""
+        stream = self._streams.get(seq_id)
+        if stream is None:
+            raise KeyError(f"sequence {seq_id} has no stream (finished, or not opened here)")
         finished = False
         try:
             while not finished:
@@ -104,6 +132,15 @@ class AsyncEngine:
         finally:
             if not finished:  # the caller went away: stop generating for it
                 self._commands.put((lambda: self._abandon(seq_id), Future()))
+
+    async def generate(self, prompt: str | Seq[int], params: SamplingParams) -> AsyncIterator[SeqOutput]:
+        """Queues a request and yields its outputs as they come, the finished one last.
+
+        Raises what add_request raises (InvalidRequestError, ContextLengthError) or
+        OverloadedError before the first output. Leaving the loop early cancels the request."""
+        seq_id = await self.open(prompt, params)
+        async for out in self.outputs(seq_id):
+            yield out
 
     def _cancel_if_added(self, future: Future) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -125,11 +162,14 @@ class AsyncEngine:
                 break
             if not engine.has_work():
                 continue
+            t0 = time.perf_counter()
             try:
                 outputs = engine.step()
             except Exception as exc:  # noqa: BLE001 - a bug in a step must not hang every client
                 log.exception("engine step raised outside the forward; failing every live request")
                 outputs = engine.finish_all(FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+            if self.observer is not None:
+                self.observer.on_step(engine, time.perf_counter() - t0)
             self._dispatch(outputs)
         self._dispatch(engine.finish_all(FinishReason.CANCELLED))
 
@@ -150,7 +190,10 @@ class AsyncEngine:
                 return
 
     def _dispatch(self, outputs: list[SeqOutput]) -> None:
+        now = time.perf_counter()
         for out in outputs:
+            if self.observer is not None:
+                self.observer.on_output(out, now)
             stream = self._streams.get(out.seq_id)
             if stream is None:
                 continue
