@@ -87,17 +87,22 @@ class AsyncEngine:
     async def open(self, prompt: str | Seq[int], params: SamplingParams, generate: bool = True) -> int:
         """Queues a request (generate=False: prefill only, until commit) with a stream for its
         outputs; returns its sequence id. Raises what add_request raises, or OverloadedError."""
+        return (await self.open_sequence(prompt, params, generate)).seq_id
+
+    async def open_sequence(self, prompt: str | Seq[int], params: SamplingParams, generate: bool = True) -> Sequence:
+        """open(), returning the Sequence itself. The engine thread owns it: read its fields
+        (prompt_logprobs, token_ids) only after its finished output has arrived."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         now = time.perf_counter()
 
-        def add() -> int:
+        def add() -> Sequence:
             if self.engine.scheduler.num_waiting >= self.max_waiting:
                 raise OverloadedError(f"{self.max_waiting} requests are already waiting; retry later")
             seq = self.engine.add_request(prompt, params, generate=generate)
             self._streams[seq.seq_id] = stream
             if self.observer is not None:
                 self.observer.on_added(seq, now)
-            return seq.seq_id
+            return seq
 
         future: Future = Future()
         self._commands.put((add, future))
@@ -142,9 +147,26 @@ class AsyncEngine:
         async for out in self.outputs(seq_id):
             yield out
 
+    async def fork_and_commit(self, seq_id: int, n: int) -> list[Sequence]:
+        """Once seq's prompt is computed (it was opened with generate=False), forks it n times
+        (KV shared: the prompt is prefilled once) and starts all n + 1 generating; each fork
+        samples on its own branch. Returns the forks, each with a stream."""
+        while not await self.call(lambda: self.engine._live(seq_id).num_uncomputed == 0):
+            await asyncio.sleep(0.001)  # prefill still running; re-check between steps
+        streams = [_Stream(asyncio.get_running_loop(), asyncio.Queue()) for _ in range(n)]
+
+        def fork() -> list[Sequence]:
+            children = self.engine.fork(seq_id, n)
+            for child, stream in zip(children, streams):
+                self._streams[child.seq_id] = stream
+            for seq in [self.engine._live(seq_id), *children]:
+                self.engine.commit(seq.seq_id)
+            return children
+        return await self.call(fork)
+
     def _cancel_if_added(self, future: Future) -> None:
         if not future.cancelled() and future.exception() is None:
-            seq_id = future.result()
+            seq_id = getattr(future.result(), "seq_id", future.result())
             self._commands.put((lambda: self._abandon(seq_id), Future()))
 
     def _abandon(self, seq_id: int) -> None:

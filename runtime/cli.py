@@ -1,4 +1,4 @@
-"""The `lockstep` command line: generate, chat, plan and fetch.
+"""The `lockstep` command line: generate, chat, serve, plan and fetch.
 
 Every command works with no flags on the default model. Errors a user can act on are printed
 as one line and exit non-zero; no traceback reaches the terminal.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -27,6 +28,12 @@ EXAMPLES = {
   lockstep chat --system "You answer in one sentence." --temperature 0.7
 commands inside the chat: /reset clears the history, /exit (or Ctrl-D) quits,
 Ctrl-C stops the reply being written.
+""",
+    "serve": """examples:
+  lockstep serve                                  # OpenAI-compatible HTTP on 127.0.0.1:8000
+  lockstep serve --port 9000 --api-key s3cret     # or LOCKSTEP_API_KEY=s3cret
+  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}'
 """,
     "plan": """examples:
   lockstep plan                       # the default model's memory plan and step-program costs
@@ -124,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system message for the conversation")
     _add_sampling_args(chat)
     _add_model_args(chat)
+
+    serve = command("serve", "Serve the model over the OpenAI-compatible HTTP API, with /metrics.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("LOCKSTEP_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $LOCKSTEP_API_KEY, else none)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="requests that may wait for a seat; beyond it, 429 (default: 256)")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: file name)")
+    _add_model_args(serve)
 
     plan = command("plan", "Print the static plan: memory regions, KV capacity and each step program's cost.")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -232,6 +249,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"lockstep: error: {exc}", file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    engine, model = _engine(args)
+    name = args.served_model_name or model.source.name
+    return serve(engine, name, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan_report import plan_json, plan_text
 
@@ -252,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="lockstep: %(message)s")
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "plan": cmd_plan, "fetch": cmd_fetch}
+    handlers = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plan": cmd_plan,
+                "fetch": cmd_fetch}
     try:
         return handlers[args.command](args)
     except LockstepError as exc:

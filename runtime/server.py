@@ -1,0 +1,385 @@
+"""`lockstep serve`: the OpenAI-compatible HTTP API (FastAPI on uvicorn) over one AsyncEngine.
+
+Endpoints: /v1/models, /v1/completions, /v1/chat/completions (each with stream over SSE), /health
+and /metrics. A request is parsed and checked here (size, JSON, types, limits, API key), its
+prompt tokenized, and then it runs as one sequence, or as n forks of one prefilled prompt.
+Every error is OpenAI's JSON shape with the matching status (400, 401, 404, 413, 429, 503);
+no traceback reaches a client. A client that disconnects mid-stream cancels its request at
+the next step and frees its blocks (runtime/async_engine.py).
+
+Extension fields (vLLM's names where vLLM has them): `latency_class` ("interactive" or
+"batch") and `priority` (a synonym: "batch" or "interactive"), `itl_target_ms`, `ignore_eos`,
+`min_tokens`, `top_k`, `min_p`, `return_token_ids`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .async_engine import AsyncEngine, OverloadedError
+from .errors import CapacityError, InvalidRequestError, LockstepError
+from .sampling_params import SamplingParams
+from .sequence import FinishReason, SeqOutput
+
+log = logging.getLogger("lockstep")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 4 << 20
+    max_tokens: int = 8192
+    max_n: int = 16
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}}, status)
+
+
+FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "abort",
+          FinishReason.ERROR: "error"}
+
+SAMPLING_FIELDS = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
+                   "min_p": (int, float), "seed": int, "ignore_eos": bool, "min_tokens": int,
+                   "itl_target_ms": (int, float)}
+
+
+def _field(body: dict, name: str, kinds, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kinds is not bool and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise HTTPError(400, f"'{name}' must be {_kind_name(kinds)}, got a boolean", param=name)
+    if not isinstance(value, kinds):
+        raise HTTPError(400, f"'{name}' must be {_kind_name(kinds)}, got {type(value).__name__}", param=name)
+    return value
+
+
+def _kind_name(kinds) -> str:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return " or ".join({int: "an integer", float: "a number", bool: "a boolean", str: "a string",
+                        list: "a list"}.get(k, k.__name__) for k in kinds)
+
+
+class OpenAIServer:
+    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None = None, metrics=None,
+                 limits: Limits | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.api_key = api_key
+        self.metrics = metrics
+        self.limits = limits or Limits()
+        self.tokenizer = engine.engine.tokenizer
+        self.app = self._build()
+
+    # --- the app ---------------------------------------------------------------------------------
+
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="lockstep", docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.middleware("http")
+        async def guard(request: Request, call_next):
+            if request.url.path.startswith("/v1/") and self.api_key is not None:
+                if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+                    return error_response(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                                          "authentication_error")
+            try:
+                return await call_next(request)
+            except Exception:  # noqa: BLE001 - a bug must reach the log, not the client
+                log.exception("unhandled error serving %s", request.url.path)
+                return error_response(500, "internal error; see the server log", "internal_error")
+
+        @app.exception_handler(HTTPError)
+        async def http_error(_: Request, exc: HTTPError):
+            return error_response(exc.status, exc.message, exc.type, exc.param)
+
+        @app.exception_handler(LockstepError)
+        async def lockstep_error(_: Request, exc: LockstepError):
+            return self._lockstep_error(exc)
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok"}
+
+        @app.get("/metrics")
+        async def metrics():
+            if self.metrics is None:
+                return Response("", media_type="text/plain")
+            body, content_type = self.metrics.render()
+            return Response(body, media_type=content_type)
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                                 "owned_by": "lockstep",
+                                                 "max_model_len": self.engine.engine.max_model_len}]}
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            return await self._handle(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(request: Request):
+            return await self._handle(request, chat=True)
+
+        return app
+
+    def _lockstep_error(self, exc: LockstepError) -> JSONResponse:
+        if isinstance(exc, OverloadedError):
+            return error_response(429, str(exc), "rate_limit_error")
+        if isinstance(exc, CapacityError):
+            return error_response(503, str(exc), "server_error")
+        return error_response(400, str(exc), "invalid_request_error")
+
+    # --- requests --------------------------------------------------------------------------------
+
+    async def _body(self, request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > self.limits.max_body_bytes:
+            raise HTTPError(413, f"request body of {len(raw)} bytes exceeds the {self.limits.max_body_bytes}-byte "
+                                 "limit")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "request body must be a JSON object")
+        return body
+
+    def _params(self, body: dict, chat: bool) -> tuple[SamplingParams, int]:
+        values = {name: _field(body, name, kinds) for name, kinds in SAMPLING_FIELDS.items() if name in body}
+        if chat and body.get("max_completion_tokens") is not None:
+            values["max_tokens"] = _field(body, "max_completion_tokens", int)
+        max_tokens = values.get("max_tokens", 16 if not chat else None)
+        if max_tokens is not None and not 0 <= max_tokens <= self.limits.max_tokens:
+            raise HTTPError(400, f"max_tokens must be in [0, {self.limits.max_tokens}], got {max_tokens}",
+                            param="max_tokens")
+        values["max_tokens"] = max_tokens
+        stop = body.get("stop")
+        if stop is not None:
+            if isinstance(stop, str):
+                stop = [stop]
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+                raise HTTPError(400, "'stop' must be a string or a list of strings", param="stop")
+            values["stop"] = stop
+        latency = body.get("latency_class", body.get("priority"))
+        if latency is not None:
+            if latency not in ("interactive", "batch"):
+                raise HTTPError(400, "'latency_class' (or 'priority') must be 'interactive' or 'batch'",
+                                param="latency_class")
+            values["latency_class"] = latency
+        if chat:
+            if _field(body, "logprobs", bool, False):
+                values["logprobs"] = _field(body, "top_logprobs", int, 0)
+        elif body.get("logprobs") is not None:
+            values["logprobs"] = _field(body, "logprobs", int)
+        if not chat and _field(body, "echo", bool, False) and "logprobs" in values:
+            values["prompt_logprobs"] = values["logprobs"]
+        n = _field(body, "n", int, 1)
+        if not 1 <= n <= self.limits.max_n:
+            raise HTTPError(400, f"n must be in [1, {self.limits.max_n}], got {n}", param="n")
+        if "temperature" not in values:
+            values["temperature"] = 1.0
+        try:
+            return SamplingParams(**values), n
+        except InvalidRequestError as exc:
+            raise HTTPError(400, str(exc)) from None
+
+    def _prompt(self, body: dict, chat: bool) -> tuple[list[int], str]:
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise HTTPError(400, "'messages' must be a non-empty list", param="messages")
+            ids = self.engine.engine.encode_chat(normalize_messages(messages))
+            return ids, ""
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise HTTPError(400, "'prompt' must not be empty", param="prompt")
+            return self.tokenizer.encode(prompt), prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt), self.tokenizer.decode(prompt, skip_special_tokens=False)
+        raise HTTPError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
+                        param="prompt")
+
+    async def _handle(self, request: Request, chat: bool):
+        body = await self._body(request)
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise HTTPError(404, f"model '{model}' is not served here; this server serves '{self.model_name}'",
+                            "not_found_error", "model")
+        params, n = self._params(body, chat)
+        ids, prompt_text = self._prompt(body, chat)
+        stream = _field(body, "stream", bool, False)
+        options = body.get("stream_options") or {}
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        echo = not chat and _field(body, "echo", bool, False)
+        return_ids = _field(body, "return_token_ids", bool, False)
+        seqs = await self._start(ids, params, n)
+        reply = _Reply(self, chat, ids, prompt_text if echo else "", params, return_ids)
+        if stream:
+            return StreamingResponse(reply.sse(seqs, include_usage), media_type="text/event-stream")
+        return await reply.whole(seqs)
+
+    async def _start(self, ids: list[int], params: SamplingParams, n: int) -> list:
+        if n == 1:
+            return [await self.engine.open_sequence(ids, params)]
+        parent = await self.engine.open_sequence(ids, params, generate=False)
+        return [parent, *await self.engine.fork_and_commit(parent.seq_id, n - 1)]
+
+
+def normalize_messages(messages: list) -> list[dict[str, Any]]:
+    """Voice pipelines send odd histories: consecutive messages of one role are merged (a template
+    may insist on alternation); assistant-first and system-only conversations pass as they are.
+    Content given as OpenAI's list of text parts is joined."""
+    merged: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise HTTPError(400, f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if content is None:
+            content = ""
+        role = message.get("role")
+        if merged and merged[-1]["role"] == role and isinstance(content, str):
+            merged[-1]["content"] += "\n" + content
+        else:
+            merged.append({"role": role, "content": content})
+    return merged
+
+
+class _Reply:
+    """One request's answer: n sequences' outputs as OpenAI JSON, whole or as SSE chunks."""
+
+    def __init__(self, server: OpenAIServer, chat: bool, prompt_ids: list[int], echo_text: str,
+                 params: SamplingParams, return_ids: bool) -> None:
+        self.server, self.chat, self.prompt_ids = server, chat, prompt_ids
+        self.echo_text, self.params, self.return_ids = echo_text, params, return_ids
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.tokenizer = server.tokenizer
+
+    def _logprobs(self, outs: list[SeqOutput]) -> Any:
+        if self.params.logprobs is None:
+            return None
+        tokens = [o for o in outs if o.token_id is not None]
+        text = lambda t: self.tokenizer.token_text(t)  # noqa: E731
+        if self.chat:
+            return {"content": [{"token": text(o.token_id), "logprob": o.logprob,
+                                 "bytes": list(self.tokenizer.token_bytes(o.token_id)),
+                                 "top_logprobs": [{"token": text(t), "logprob": lp,
+                                                   "bytes": list(self.tokenizer.token_bytes(t))}
+                                                  for t, lp in o.top_logprobs]} for o in tokens]}
+        return {"tokens": [text(o.token_id) for o in tokens], "token_logprobs": [o.logprob for o in tokens],
+                "top_logprobs": [{text(t): lp for t, lp in o.top_logprobs} for o in tokens] if self.params.logprobs
+                else None, "text_offset": []}
+
+    def _usage(self, completion_tokens: int, n: int) -> dict:
+        prompt = len(self.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+                "total_tokens": prompt + completion_tokens}
+
+    async def whole(self, seqs: list) -> JSONResponse:
+        per_seq = await asyncio.gather(*(self._collect(s.seq_id) for s in seqs))
+        choices = []
+        for index, (seq, outs) in enumerate(zip(seqs, per_seq)):
+            last = outs[-1]
+            if last.finish_reason is FinishReason.ERROR:
+                return error_response(500, f"generation failed: {last.error}", "internal_error")
+            text = "".join(o.text for o in outs)
+            if self.chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": text},
+                          "logprobs": self._logprobs(outs), "finish_reason": FINISH[last.finish_reason]}
+            else:
+                logprobs = self._logprobs(outs)
+                if logprobs is not None and self.params.prompt_logprobs is not None:
+                    logprobs = self._with_prompt(seq, logprobs)
+                choice = {"index": index, "text": self.echo_text + text, "logprobs": logprobs,
+                          "finish_reason": FINISH[last.finish_reason]}
+            if self.return_ids:
+                choice["token_ids"] = [o.token_id for o in outs if o.token_id is not None]
+                choice["prompt_token_ids"] = self.prompt_ids
+            choices.append(choice)
+        completion = sum(o.token_id is not None for outs in per_seq for o in outs)
+        return JSONResponse({"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                             "created": self.created, "model": self.server.model_name, "choices": choices,
+                             "usage": self._usage(completion, len(seqs))})
+
+    def _with_prompt(self, seq, logprobs: dict) -> dict:
+        text = lambda t: self.tokenizer.token_text(t)  # noqa: E731
+        prompt_tokens = [text(t) for t in self.prompt_ids]
+        prompt_top = [None] + [{text(t): lp for t, lp in top} for top in seq.prompt_top_logprobs] \
+            if self.params.prompt_logprobs else None
+        return {"tokens": prompt_tokens + logprobs["tokens"],
+                "token_logprobs": [None, *seq.prompt_logprobs] + logprobs["token_logprobs"],
+                "top_logprobs": None if prompt_top is None else prompt_top + (logprobs["top_logprobs"] or []),
+                "text_offset": []}
+
+    async def _collect(self, seq_id: int) -> list[SeqOutput]:
+        return [out async for out in self.server.engine.outputs(seq_id)]
+
+    async def sse(self, seqs: list, include_usage: bool) -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, seq_id: int) -> None:
+            async for out in self.server.engine.outputs(seq_id):
+                await queue.put((index, out))
+
+        tasks = [asyncio.ensure_future(pump(i, s.seq_id)) for i, s in enumerate(seqs)]
+        remaining, completion = len(seqs), 0
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        try:
+            if self.chat:
+                for index in range(len(seqs)):
+                    yield self._chunk(kind, {"index": index, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None})
+            elif self.echo_text:
+                for index in range(len(seqs)):
+                    yield self._chunk(kind, {"index": index, "text": self.echo_text, "logprobs": None,
+                                             "finish_reason": None})
+            while remaining:
+                index, out = await queue.get()
+                completion += out.token_id is not None
+                if out.finish_reason is FinishReason.ERROR:
+                    yield f"data: {json.dumps({'error': {'message': f'generation failed: {out.error}', 'type': 'internal_error', 'param': None, 'code': 500}})}\n\n"
+                finish = FINISH[out.finish_reason] if out.finished else None
+                remaining -= out.finished
+                if not out.text and finish is None and self.params.logprobs is None:
+                    continue
+                logprobs = self._logprobs([out]) if out.token_id is not None else None
+                if self.chat:
+                    choice = {"index": index, "delta": {"content": out.text} if out.text else {},
+                              "logprobs": logprobs, "finish_reason": finish}
+                else:
+                    choice = {"index": index, "text": out.text, "logprobs": logprobs, "finish_reason": finish}
+                if self.return_ids and out.token_id is not None:
+                    choice["token_ids"] = [out.token_id]
+                yield self._chunk(kind, choice)
+            if include_usage:
+                yield "data: " + json.dumps({"id": self.id, "object": kind, "created": self.created,
+                                             "model": self.server.model_name, "choices": [],
+                                             "usage": self._usage(completion, len(seqs))}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:  # a client that left: each pump's exit cancels its sequence
+                task.cancel()
+
+    def _chunk(self, kind: str, choice: dict) -> str:
+        return "data: " + json.dumps({"id": self.id, "object": kind, "created": self.created,
+                                      "model": self.server.model_name, "choices": [choice]}) + "\n\n"

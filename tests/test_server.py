@@ -1,0 +1,184 @@
+"""`lockstep serve`'s HTTP API against real clients: the official `openai` package and raw httpx,
+on a real uvicorn server on loopback, default model.
+
+Expected outputs are the engine's own results for the same request run alone (the numbers are
+checked against HF transformers elsewhere); bad inputs must each get OpenAI's error shape with
+the right status, and the server must keep serving after every one.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from lockstep.runtime.sampling_params import SamplingParams
+from lockstep.runtime.serve import build_server
+
+KEY = "test-key"
+MODEL = "smollm2"
+
+
+@pytest.fixture(scope="module")
+def server(make_engine):
+    engine = make_engine(kv_memory_bytes=128 << 20)
+    async_engine, app_server = build_server(engine, MODEL, api_key=KEY, max_waiting=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app_server.app, host="127.0.0.1", port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "async_engine": async_engine}
+    uv.should_exit = True
+    thread.join(10)
+    async_engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(make_engine):
+    return make_engine(kv_memory_bytes=128 << 20)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0)
+
+
+def wait_idle(engine, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (engine.kv.allocator.num_sequences() or engine.seqs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_models_and_health(client, server) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}
+
+
+def test_completion_equals_the_engine_alone(client, reference) -> None:
+    prompt = "The three primary colours are"
+    want = reference.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2))[0]
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=2,
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].text == want.text
+    assert got.choices[0].logprobs.token_logprobs == want.logprobs
+    assert got.usage.completion_tokens == 12 and got.usage.prompt_tokens == len(want.prompt_ids)
+
+
+def test_chat_stream_and_usage(client, reference) -> None:
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    want = reference.generate([reference.encode_chat(messages)], SamplingParams(temperature=0.0, max_tokens=16))[0]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop" if
+            want.finish_reason.value == "stop" else "length"]
+    assert chunks[-1].usage.completion_tokens == len(want.output_ids)
+
+
+def test_n3_forks_and_seeded_reproducibility(client, server) -> None:
+    def ask():
+        return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell a joke."}],
+                                              max_tokens=10, temperature=1.0, seed=7, n=3)
+    first, second = ask(), ask()
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in second.choices], "same seed, same answers"
+    assert len(set(texts)) > 1, "each fork samples its own branch"
+    wait_idle(server["engine"])
+    assert server["engine"].kv.allocator.num_sequences() == 0
+
+
+def test_odd_histories_are_accepted(client) -> None:
+    for messages in ([{"role": "assistant", "content": "Hello, how can I help?"}],
+                     [{"role": "system", "content": "Be brief."}],
+                     [{"role": "user", "content": "Hi"}, {"role": "user", "content": "are you there?"}]):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_echo_with_prompt_logprobs_and_max_tokens_zero(client) -> None:
+    got = client.completions.create(model=MODEL, prompt="Hello world, this is", max_tokens=0, echo=True, logprobs=0)
+    lp = got.choices[0].logprobs
+    assert got.choices[0].text == "Hello world, this is"
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert len(lp.tokens) == got.usage.prompt_tokens
+
+
+def test_disconnect_cancels_and_frees_blocks(server) -> None:
+    engine = server["engine"]
+    wait_idle(engine)
+    body = {"model": MODEL, "prompt": "Write a very long story about the sea.", "max_tokens": 2000,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server["url"] + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
+        seen = 0
+        for line in response.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 3:
+                break
+    t0 = time.monotonic()
+    wait_idle(engine, timeout=5)
+    assert engine.kv.allocator.num_sequences() == 0 and not engine.seqs
+    assert time.monotonic() - t0 < 2.0
+    assert engine.kv.usage() == 0.0 or engine.kv.allocator.num_free_blocks() == engine.kv.num_blocks
+
+
+BAD = [
+    ("invalid JSON", b"{not json", 400),
+    ("wrong type", {"prompt": "hi", "max_tokens": "ten"}, 400),
+    ("negative max_tokens", {"prompt": "hi", "max_tokens": -1}, 400),
+    ("huge max_tokens", {"prompt": "hi", "max_tokens": 10**9}, 400),
+    ("huge n", {"prompt": "hi", "n": 1000}, 400),
+    ("unknown model", {"prompt": "hi", "model": "gpt-9"}, 404),
+    ("empty prompt", {"prompt": ""}, 400),
+    ("bad temperature", {"prompt": "hi", "temperature": -3}, 400),
+    ("invalid UTF-8", b'{"prompt": "\xff\xfe"}', 400),
+    ("body too large", b'{"prompt": "' + b"a" * (5 << 20) + b'"}', 413),
+]
+
+
+@pytest.mark.parametrize("name,body,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_errors(server, name, body, status) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    raw = body if isinstance(body, bytes) else None
+    r = httpx.post(server["url"] + "/v1/completions", content=raw, json=None if raw else body, headers=headers,
+                   timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and "Traceback" not in r.text
+
+
+def test_chat_errors_and_prompt_over_the_context(server, client) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(server["url"] + "/v1/chat/completions", json={"messages": []}, headers=headers)
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    long = "word " * (server["engine"].max_model_len + 10)
+    r = httpx.post(server["url"] + "/v1/completions", json={"prompt": long}, headers=headers)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    assert client.completions.create(model=MODEL, prompt="still serving", max_tokens=2).choices
+
+
+def test_api_key_is_required(server) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "hi"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["url"] + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_metrics_are_exposed(server, client) -> None:
+    client.completions.create(model=MODEL, prompt="count", max_tokens=3, temperature=0)
+    text = httpx.get(server["url"] + "/metrics").text
+    for name in ("lockstep:time_to_first_token_seconds", "lockstep:generation_tokens_total",
+                 "lockstep:num_requests_running", "lockstep:kv_cache_usage_perc"):
+        assert name in text, name
