@@ -1,0 +1,139 @@
+"""Prometheus metrics for `lockstep serve`: an AsyncEngine observer and its exposition text.
+
+Names follow vLLM's under the `lockstep:` prefix, so its dashboards read them. Every latency is
+measured on the engine thread with time.perf_counter(): a request's arrival is when the caller
+queued it, a token's time is when the engine thread handed it to the caller's stream.
+
+Threads: the observer calls (on_added, on_step, on_output) come from the engine thread only and
+are the only ones touching per-request state; render() runs on a server thread and only reads
+prometheus_client objects, which lock themselves.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from .sequence import FinishReason, SeqOutput, Sequence
+
+if TYPE_CHECKING:  # the server imports this module; the engine (and torch) come with AsyncEngine
+    from .engine import Engine
+
+PREFIX = "lockstep:"
+# A CPU decode step takes a few ms and a GPU one well under 1 ms, so the buckets start at 100 us.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class _Request:
+    arrival: float | None  # None: not queued through on_added (a fork): no TTFT, queue or e2e time
+    last_token: float | None = None
+    scheduled: bool = False  # has it been in a step yet (ends its queue time)
+
+
+class EngineMetrics:
+    """AsyncEngine's observer (runtime/async_engine.py Observer) with its own registry.
+
+    Each instance owns a CollectorRegistry, so several servers or tests in one process never
+    share or collide on series. render() gives the exposition for GET /metrics.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, registry=reg, buckets=LATENCY_BUCKETS)
+
+        # prometheus_client appends _total to a counter's samples: these expose e.g. prompt_tokens_total.
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=reg)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to the first generated token.")
+        self.itl = histogram("inter_token_latency_seconds", "Time between two tokens of one request.")
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to the request's terminal output.")
+        self.queue_time = histogram("request_queue_time_seconds",
+                                    "Arrival to the start of the first step the request was in.")
+        self.step_duration = histogram("step_duration_seconds", "Wall time of one engine step, by step program.",
+                                       ("program",))
+        self.running = Gauge(PREFIX + "num_requests_running", "Sequences holding KV in the scheduler.",
+                             registry=reg)
+        self.waiting = Gauge(PREFIX + "num_requests_waiting", "Sequences queued for admission.", registry=reg)
+        self.kv_usage = Gauge(PREFIX + "kv_cache_usage_perc", "Fraction (0..1) of KV blocks in use.",
+                              registry=reg)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.request_success = counter("request_success", "Requests ended, by finish reason.", ("finished_reason",))
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        for reason in FinishReason:  # every reason shows from the start, at 0
+            self.request_success.labels(finished_reason=reason.value)
+        self._requests: dict[int, _Request] = {}  # live requests; engine thread only
+        self._prefix_seen = (0, 0)  # the allocator's cumulative (queries, hits) at the last step
+
+    # --- the observer (engine thread) ---------------------------------------------------------------
+
+    def on_added(self, seq: Sequence, now: float) -> None:
+        self._requests[seq.seq_id] = _Request(arrival=now)
+        self.prompt_tokens.inc(seq.num_prompt_tokens)
+        self.waiting.inc()  # exact again after the next step
+
+    def on_step(self, engine: Engine, seconds: float) -> None:
+        step = engine.last_step
+        if step is not None:
+            self.step_duration.labels(program=step.program.name).observe(seconds)
+            started = time.perf_counter() - seconds
+            for item in step.items:
+                req = self._requests.get(item.seq.seq_id)
+                if req is not None and not req.scheduled:
+                    req.scheduled = True
+                    if req.arrival is not None:
+                        self.queue_time.observe(max(0.0, started - req.arrival))
+        self.running.set(len(engine.scheduler.running))
+        self.waiting.set(engine.scheduler.num_waiting)
+        self.kv_usage.set(engine.kv.usage())
+        allocator = engine.kv.allocator
+        now = (allocator.prefix_queries(), allocator.prefix_hits())
+        queries, hits = (n - seen for n, seen in zip(now, self._prefix_seen))
+        if queries >= 0 and hits >= 0:  # negative: the counters were reset; start again from here
+            self.prefix_queries.inc(queries)
+            self.prefix_hits.inc(hits)
+        self._prefix_seen = now
+
+    def on_output(self, out: SeqOutput, now: float) -> None:
+        req = self._requests.get(out.seq_id)
+        if out.token_id is not None:
+            self.generation_tokens.inc()
+            if req is None:  # a fork made on the engine thread: inter-token times only
+                req = self._requests[out.seq_id] = _Request(arrival=None, scheduled=True)
+            if req.last_token is not None:
+                self.itl.observe(now - req.last_token)
+            elif req.arrival is not None:
+                self.ttft.observe(now - req.arrival)
+            req.last_token = now
+        if out.finished:
+            self.request_success.labels(finished_reason=FinishReason(out.finish_reason).value).inc()
+            if req is not None and req.arrival is not None:
+                self.e2e.observe(now - req.arrival)
+            self._requests.pop(out.seq_id, None)
+
+    # --- the server (any thread) ----------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text of every metric and its Content-Type, for GET /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    @property
+    def num_tracked(self) -> int:
+        """Requests with per-request state (live ones); for tests that it does not grow."""
+        return len(self._requests)
