@@ -34,7 +34,7 @@ test: fetch
 	$(PY) -m pytest -q -rs tests
 
 serve: fetch
-	$(VENV)/bin/lockstep chat
+	$(VENV)/bin/lockstep serve
 
 clean:
 	rm -rf build $(VENV)
