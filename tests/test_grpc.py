@@ -1,0 +1,262 @@
+"""The gRPC service (runtime/grpc_service.py): a real server on loopback, a real grpcio client, the
+default model.
+
+Expectations are other runs of lockstep: a streamed Generate equals Engine.generate alone, and a
+session's second reply equals a plain request over the conversation the session says it holds.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+
+import grpc
+import pytest
+
+from lockstep.runtime.async_engine import AsyncEngine
+from lockstep.runtime.grpc_codegen import pb2, pb2_grpc
+from lockstep.runtime.grpc_service import serve_grpc
+from lockstep.runtime.sampling_params import SamplingParams
+
+PROMPT = "The first rule of the garden is"
+
+
+class CountingObserver:
+    """Counts the requests the engine accepted (to prove a refused call never reached it)."""
+
+    def __init__(self) -> None:
+        self.added = 0
+
+    def on_added(self, seq, now) -> None:
+        self.added += 1
+
+    def on_step(self, engine, seconds) -> None:
+        pass
+
+    def on_output(self, out, now) -> None:
+        pass
+
+
+def run_with_server(make_engine, body, api_key: str | None = None, max_waiting: int = 256):
+    """Runs `body(stub, async_engine, observer)` against a served engine; always stops both."""
+    observer = CountingObserver()
+    ae = AsyncEngine(make_engine(), max_waiting=max_waiting, observer=observer).start()
+
+    async def main():
+        server = None
+        try:
+            server = await serve_grpc(ae, port=0, api_key=api_key)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.bound_port}") as channel:
+                return await body(pb2_grpc.LockstepStub(channel), ae, observer)
+        finally:
+            if server is not None:
+                await server.stop(None)
+    try:
+        return asyncio.run(main())
+    finally:
+        ae.shutdown()
+
+
+async def num_sequences(ae: AsyncEngine) -> int:
+    return await ae.call(lambda: ae.engine.kv.allocator.num_sequences())
+
+
+async def wait_for_no_sequences(ae: AsyncEngine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (n := await num_sequences(ae)) != 0:
+        assert time.monotonic() < deadline, f"{n} sequences still hold KV blocks"
+        await asyncio.sleep(0.02)
+
+
+def test_the_proto_ships_in_the_package() -> None:
+    assert (resources.files("lockstep.runtime") / "lockstep.proto").is_file()
+
+
+def test_generate_streams_what_the_engine_generates_alone(make_engine) -> None:
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+    want = make_engine().generate([PROMPT], sp)[0]
+
+    async def body(stub, ae, observer):
+        sampling = pb2.SamplingOptions(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+        return [r async for r in stub.Generate(pb2.GenerateRequest(text=PROMPT, sampling=sampling))]
+    responses = run_with_server(make_engine, body)
+    tokens = [r.token for r in responses if r.WhichOneof("event") == "token"]
+    assert [r.WhichOneof("event") for r in responses] == ["token"] * 8 + ["finished"]
+    assert [t.token_id for t in tokens] == want.output_ids
+    assert [t.logprob for t in tokens] == pytest.approx(want.logprobs, abs=0, rel=0)
+    finished = responses[-1].finished
+    assert "".join(t.text for t in tokens) + finished.text == want.text
+    assert finished.finish_reason == "length"
+    assert (finished.usage.prompt_tokens, finished.usage.completion_tokens) == (len(want.prompt_ids), 8)
+
+
+async def next_event(call, kind: str | None = None):
+    """The next event (skipping tokens when waiting for another kind)."""
+    while True:
+        event = await asyncio.wait_for(call.read(), 30)
+        assert event is not grpc.aio.EOF, "the session ended early"
+        if kind is None or event.WhichOneof("event") == kind:
+            return event
+        assert event.WhichOneof("event") == "token", f"expected {kind}, got {event}"
+
+
+def test_session_append_commit_cancel_truncate_and_reply_again(make_engine) -> None:
+    tokenizer = make_engine().tokenizer
+    pieces = ["The first rule", " of the garden", " is"]
+
+    async def body(stub, ae, observer):
+        call = stub.Session()
+        greedy = pb2.SamplingOptions(temperature=0.0, max_tokens=200, ignore_eos=True)
+        await call.write(pb2.SessionRequest(start=pb2.SessionStart(sampling=greedy)))
+        counts = []
+        for piece in pieces:
+            await call.write(pb2.SessionRequest(append=pb2.Append(text=piece)))
+            counts.append((await next_event(call, "appended")).appended.num_tokens)
+        prompt_ids = tokenizer.encode(pieces[0]) + [t for p in pieces[1:] for t in tokenizer.encode(p, add_bos=False)]
+        assert counts[-1] == len(prompt_ids) and counts == sorted(counts)
+
+        # Reply 1, cancelled (barge-in) after three tokens, the partial reply kept.
+        await call.write(pb2.SessionRequest(commit=pb2.Commit()))
+        started = (await next_event(call, "reply_started")).reply_started
+        first = []
+        while len(first) < 3:
+            event = await next_event(call)
+            assert event.WhichOneof("event") == "token"
+            first.append(event.token)
+        await call.write(pb2.SessionRequest(cancel=pb2.Cancel(keep_partial=True)))
+        events = []
+        while (event := await next_event(call)).WhichOneof("event") != "cancelled":
+            events.append(event)
+        cancelled = event.cancelled
+        assert cancelled.response_id == started.response_id
+        assert events[-1].WhichOneof("event") == "reply_finished", "the reply's end comes before the ack"
+        finished = events[-1].reply_finished
+        assert finished.finished.finish_reason == "cancelled"
+        first += [e.token for e in events[:-1]]
+        assert all(t.response_id == started.response_id for t in first)
+        assert [t.position for t in first] == list(range(len(prompt_ids), len(prompt_ids) + len(first)))
+        assert len(first) < 200, "the cancel stopped the reply"
+        assert cancelled.num_tokens == len(prompt_ids) + len(first)
+        assert await num_sequences(ae) == 0, "a cancelled reply frees its blocks by the ack"
+
+        # The user heard two tokens of it: cut there, speak again, and get a second reply.
+        heard = len(prompt_ids) + 2
+        await call.write(pb2.SessionRequest(truncate=pb2.Truncate(num_tokens=heard)))
+        event = await next_event(call)  # strictly the next event: no token of the cancelled reply
+        assert event.WhichOneof("event") == "truncated" and event.truncated.num_tokens == heard
+        await call.write(pb2.SessionRequest(append=pb2.Append(text=" Also,")))
+        appended = (await next_event(call, "appended")).appended.num_tokens
+        await call.write(pb2.SessionRequest(commit=pb2.Commit(sampling=pb2.SamplingOptions(max_tokens=4))))
+        second = (await next_event(call, "reply_started")).reply_started
+        assert second.response_id > started.response_id and second.num_tokens == appended
+        tokens = []
+        while (event := await next_event(call)).WhichOneof("event") == "token":
+            tokens.append(event.token)
+        assert event.reply_finished.finished.finish_reason == "length"
+        assert event.reply_finished.finished.usage.completion_tokens == 4
+        assert all(t.response_id == second.response_id for t in tokens)
+        conversation = prompt_ids + [t.token.token_id for t in first[:2]] + tokenizer.encode(" Also,", add_bos=False)
+
+        # Out of range: an error event, and the session goes on; then a fork, then the end.
+        await call.write(pb2.SessionRequest(truncate=pb2.Truncate(num_tokens=10**6)))
+        error = (await next_event(call, "error")).error
+        assert error.code == "INVALID_ARGUMENT" and "truncate" in error.message
+        await call.write(pb2.SessionRequest(fork=pb2.Fork()))
+        forked = (await next_event(call, "forked")).forked
+        assert forked.new_branch != 0 and forked.num_tokens == event.reply_finished.num_tokens
+        await call.write(pb2.SessionRequest(append=pb2.Append(branch=forked.new_branch, text=" Then")))
+        assert (await next_event(call, "appended")).appended.branch == forked.new_branch
+        await call.done_writing()
+        assert (await next_event(call, "end")).WhichOneof("event") == "end"
+        assert await call.read() is grpc.aio.EOF
+        await wait_for_no_sequences(ae)
+        return conversation, [t.token.token_id for t in tokens]
+
+    conversation, reply = run_with_server(make_engine, body)
+    want = make_engine().generate([conversation], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert reply == want.output_ids, "the second reply continues the conversation the session reported"
+
+
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(make_engine) -> None:
+    async def body(stub, ae, observer):
+        async def status_of(request) -> tuple[grpc.StatusCode, str]:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                [r async for r in stub.Generate(request)]
+            assert "Traceback" not in info.value.details()
+            return info.value.code(), info.value.details()
+
+        code, details = await status_of(pb2.GenerateRequest(text=PROMPT, sampling=pb2.SamplingOptions(temperature=-1)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in details
+        too_long = pb2.TokenIds(ids=[1] * ae.engine.max_model_len)
+        code, details = await status_of(pb2.GenerateRequest(token_ids=too_long))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "context" in details
+        code, _ = await status_of(pb2.GenerateRequest())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        ok = [r async for r in stub.Generate(pb2.GenerateRequest(text=PROMPT, sampling=pb2.SamplingOptions(max_tokens=2)))]
+        assert ok[-1].WhichOneof("event") == "finished" and ok[-1].finished.finish_reason in ("length", "stop")
+        health = await stub.Health(pb2.HealthRequest())
+        assert health.status == "SERVING"
+    run_with_server(make_engine, body)
+
+
+def test_overload_is_resource_exhausted(make_engine) -> None:
+    async def body(stub, ae, observer):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [r async for r in stub.Generate(pb2.GenerateRequest(text=PROMPT))]
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in info.value.details()
+        call = stub.Session()
+        await call.write(pb2.SessionRequest(append=pb2.Append(text=PROMPT)))
+        assert (await next_event(call, "error")).error.code == "RESOURCE_EXHAUSTED"
+        await call.done_writing()
+        assert (await next_event(call, "end")).WhichOneof("event") == "end"
+        assert (await stub.Health(pb2.HealthRequest())).status == "SERVING"
+    run_with_server(make_engine, body, max_waiting=0)  # every request finds the queue full
+
+
+def test_api_key_is_checked_before_the_engine_sees_anything(make_engine) -> None:
+    async def body(stub, ae, observer):
+        request = pb2.GenerateRequest(text=PROMPT, sampling=pb2.SamplingOptions(max_tokens=2))
+        for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", "secret"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                [r async for r in stub.Generate(request, metadata=metadata)]
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Health(pb2.HealthRequest(), metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            call = stub.Session(metadata=metadata)
+            await call.write(pb2.SessionRequest(append=pb2.Append(text=PROMPT)))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call.read()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert observer.added == 0, "a refused call never reached the engine"
+        good = (("authorization", "Bearer secret"),)
+        ok = [r async for r in stub.Generate(request, metadata=good)]
+        assert ok[-1].WhichOneof("event") == "finished"
+        assert (await stub.Health(pb2.HealthRequest(), metadata=good)).status == "SERVING"
+        assert observer.added == 1
+    run_with_server(make_engine, body, api_key="secret")
+
+
+def test_a_client_that_disconnects_cancels_its_generation(make_engine) -> None:
+    async def body(stub, ae, observer):
+        sampling = pb2.SamplingOptions(max_tokens=500, ignore_eos=True)
+        call = stub.Generate(pb2.GenerateRequest(text=PROMPT, sampling=sampling))
+        got = 0
+        async for response in call:
+            got += response.WhichOneof("event") == "token"
+            if got == 2:
+                break
+        call.cancel()
+        await wait_for_no_sequences(ae)
+        # a session that goes away mid-reply frees its sequence too
+        session = stub.Session()
+        await session.write(pb2.SessionRequest(append=pb2.Append(text=PROMPT)))
+        await next_event(session, "appended")
+        await session.write(pb2.SessionRequest(commit=pb2.Commit(sampling=sampling)))
+        await next_event(session, "reply_started")
+        await next_event(session, "token")
+        session.cancel()
+        await wait_for_no_sequences(ae)
+        health = await stub.Health(pb2.HealthRequest())
+        assert (health.status, health.num_running, health.num_waiting) == ("SERVING", 0, 0)
+    run_with_server(make_engine, body)
