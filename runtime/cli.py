@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", "Serve the model over the OpenAI-compatible HTTP API, with /metrics.")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    serve.add_argument("--api-key", default=os.environ.get("LOCKSTEP_API_KEY"),
+    serve.add_argument("--api-key", default=os.environ.get("LOCKSTEP_API_KEY") or None,
                        help="require 'Authorization: Bearer KEY' (default: $LOCKSTEP_API_KEY, else none)")
+    serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default: 50051)")
     serve.add_argument("--max-waiting", type=int, default=256,
                        help="requests that may wait for a seat; beyond it, 429 (default: 256)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: file name)")
@@ -254,7 +255,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine, model = _engine(args)
     name = args.served_model_name or model.source.name
-    return serve(engine, name, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting)
+    return serve(engine, name, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
+                 grpc_port=args.grpc_port)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -1,6 +1,8 @@
-"""Runs `lockstep serve`: one engine thread, the HTTP server (uvicorn) and metrics, in one process."""
+"""Runs `lockstep serve`: one engine thread behind the HTTP server (uvicorn), the gRPC server and
+metrics, all in one process and one asyncio loop."""
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import uvicorn
@@ -23,13 +25,24 @@ def build_server(engine: Engine, model_name: str, api_key: str | None = None,
 
 
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_waiting: int = 256) -> int:
+          max_waiting: int = 256, grpc_port: int = 50051) -> int:
     async_engine, server = build_server(engine, model_name, api_key, max_waiting)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    print(f"lockstep: serving {model_name} on http://{host}:{port}/v1 (metrics at /metrics)", flush=True)
+
+    async def run() -> None:
+        from .grpc_service import serve_grpc
+
+        grpc_server = await serve_grpc(async_engine, host=host, port=grpc_port, api_key=api_key)
+        print(f"lockstep: serving {model_name} on http://{host}:{port}/v1 (metrics at /metrics) and gRPC "
+              f"{host}:{grpc_server.bound_port}", flush=True)
+        try:
+            await uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning")).serve()
+        finally:
+            await grpc_server.stop(grace=1.0)
+
     try:
-        uvicorn.run(server.app, host=host, port=port, log_level="warning")
+        asyncio.run(run())
     finally:
         async_engine.shutdown()
     return 0

@@ -182,3 +182,48 @@ def test_metrics_are_exposed(server, client) -> None:
     for name in ("lockstep:time_to_first_token_seconds", "lockstep:generation_tokens_total",
                  "lockstep:num_requests_running", "lockstep:kv_cache_usage_perc"):
         assert name in text, name
+
+
+def test_lockstep_serve_command_serves_http_and_grpc(default_model_path) -> None:
+    """The CLI end to end: `lockstep serve` in its own process answers HTTP and gRPC, then stops
+    cleanly on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import grpc
+
+    from lockstep.runtime.grpc_codegen import pb2, pb2_grpc
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    proc = subprocess.Popen([sys.executable, "-m", "lockstep.runtime.cli", "serve", "--port", str(ports[0]),
+                             "--grpc-port", str(ports[1]), "--kv-memory", "64MiB", "--max-num-seqs", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "LOCKSTEP_API_KEY": ""})
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{ports[0]}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        reply = httpx.post(f"http://127.0.0.1:{ports[0]}/v1/completions",
+                           json={"prompt": "Hello", "max_tokens": 3, "temperature": 0}, timeout=30).json()
+        assert reply["usage"]["completion_tokens"] == 3
+        with grpc.insecure_channel(f"127.0.0.1:{ports[1]}") as channel:
+            health = pb2_grpc.LockstepStub(channel).Health(pb2.HealthRequest(), timeout=10)
+        assert health.status == "SERVING"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    assert "serving" in out and "Traceback" not in err, err[-2000:]
