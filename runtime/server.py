@@ -360,8 +360,8 @@ class _Reply:
                     yield f"data: {json.dumps({'error': {'message': f'generation failed: {out.error}', 'type': 'internal_error', 'param': None, 'code': 500}})}\n\n"
                 finish = FINISH[out.finish_reason] if out.finished else None
                 remaining -= out.finished
-                if not out.text and finish is None and self.params.logprobs is None:
-                    continue
+                if not out.text and finish is None and self.params.logprobs is None and not self.return_ids:
+                    continue  # a token whose text is still held back: nothing to send yet
                 logprobs = self._logprobs([out]) if out.token_id is not None else None
                 if self.chat:
                     choice = {"index": index, "delta": {"content": out.text} if out.text else {},

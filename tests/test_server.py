@@ -227,3 +227,33 @@ def test_lockstep_serve_command_serves_http_and_grpc(default_model_path) -> None
             proc.kill()
             out, err = proc.communicate()
     assert "serving" in out and "Traceback" not in err, err[-2000:]
+
+
+def test_32_concurrent_streams_each_equal_the_request_alone(server, reference) -> None:
+    """32 SSE streams at once: no lost or duplicated tokens, and each stream's tokens are what the
+    same request gives alone (batch invariance through the server)."""
+    import asyncio
+    import json
+
+    prompts = [f"Item {i}: a short note about the number {i * 7}" for i in range(32)]
+    lengths = [3 + i % 9 for i in range(32)]
+    want = [reference.generate([p], SamplingParams(temperature=0.0 if i % 2 else 0.7, seed=i, max_tokens=n,
+                                                   ignore_eos=True))[0].output_ids
+            for i, (p, n) in enumerate(zip(prompts, lengths))]
+
+    async def one(client: httpx.AsyncClient, i: int) -> list[int]:
+        body = {"prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0.0 if i % 2 else 0.7, "seed": i,
+                "ignore_eos": True, "stream": True, "return_token_ids": True}
+        ids = []
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    ids += json.loads(line[6:])["choices"][0].get("token_ids", [])
+        return ids
+
+    async def all_streams():
+        async with httpx.AsyncClient(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    assert asyncio.run(all_streams()) == want
