@@ -257,3 +257,23 @@ def test_32_concurrent_streams_each_equal_the_request_alone(server, reference) -
             return await asyncio.gather(*(one(client, i) for i in range(32)))
 
     assert asyncio.run(all_streams()) == want
+
+
+def test_overload_is_429_and_arena_capacity_is_503(make_engine) -> None:
+    """A full waiting queue answers 429 (rate_limit_error); a KV arena error answers 503."""
+    from fastapi.testclient import TestClient
+
+    from lockstep.runtime.errors import CapacityError
+
+    async_engine, app_server = build_server(make_engine(), MODEL, max_waiting=0)  # every request over the bound
+    try:
+        with TestClient(app_server.app) as http:
+            r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                        "stream": True})
+            assert r.status_code == 429
+            assert app_server._lockstep_error(CapacityError("KV arena exhausted")).status_code == 503
+            assert http.get("/health").status_code == 200
+    finally:
+        async_engine.shutdown()
