@@ -113,16 +113,6 @@ class AsyncEngine:
             future.add_done_callback(self._cancel_if_added)
             raise
 
-    async def watch(self, seq_id: int, stream: _Stream | None = None) -> _Stream:
-        """A stream for a live sequence made on the engine thread (a fork): its outputs from now on."""
-        stream = stream or _Stream(asyncio.get_running_loop(), asyncio.Queue())
-
-        def attach() -> _Stream:
-            self.engine._live(seq_id)
-            self._streams[seq_id] = stream
-            return stream
-        return await self.call(attach)
-
     async def outputs(self, seq_id: int) -> AsyncIterator[SeqOutput]:
         """Yields a sequence's outputs, the finished one last. Leaving early cancels it."""
         stream = self._streams.get(seq_id)
@@ -147,22 +137,28 @@ class AsyncEngine:
         async for out in self.outputs(seq_id):
             yield out
 
-    async def fork_and_commit(self, seq_id: int, n: int) -> list[Sequence]:
-        """Once seq's prompt is computed (it was opened with generate=False), forks it n times
-        (KV shared: the prompt is prefilled once) and starts all n + 1 generating; each fork
-        samples on its own branch. Returns the forks, each with a stream."""
-        while not await self.call(lambda: self.engine._live(seq_id).num_uncomputed == 0):
-            await asyncio.sleep(0.001)  # prefill still running; re-check between steps
+    async def fork(self, seq_id: int, n: int = 1, commit: bool = False) -> list[Sequence]:
+        """Forks a live sequence n times (KV shared by refcount) and gives each fork a stream, in
+        one engine-thread call so no output slips between; with commit, the parent and the forks
+        then all start generating, each sampling on its own branch."""
         streams = [_Stream(asyncio.get_running_loop(), asyncio.Queue()) for _ in range(n)]
 
         def fork() -> list[Sequence]:
             children = self.engine.fork(seq_id, n)
             for child, stream in zip(children, streams):
                 self._streams[child.seq_id] = stream
-            for seq in [self.engine._live(seq_id), *children]:
-                self.engine.commit(seq.seq_id)
+            if commit:
+                for seq in [self.engine._live(seq_id), *children]:
+                    self.engine.commit(seq.seq_id)
             return children
         return await self.call(fork)
+
+    async def fork_and_commit(self, seq_id: int, n: int) -> list[Sequence]:
+        """Once seq's prompt is computed (it was opened with generate=False), fork(commit=True):
+        the prompt is prefilled once for all n + 1 answers."""
+        while not await self.call(lambda: self.engine._live(seq_id).num_uncomputed == 0):
+            await asyncio.sleep(0.001)  # prefill still running; re-check between steps
+        return await self.fork(seq_id, n, commit=True)
 
     def _cancel_if_added(self, future: Future) -> None:
         if not future.cancelled() and future.exception() is None:

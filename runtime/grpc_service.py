@@ -38,7 +38,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from .async_engine import AsyncEngine, OverloadedError, _Stream
+from .async_engine import AsyncEngine, OverloadedError
 from .errors import CapacityError, InvalidRequestError, LockstepError
 from .grpc_codegen import pb2, pb2_grpc
 from .sampling_params import SamplingParams
@@ -244,15 +244,8 @@ class _Session:
             raise SessionStateError("a reply is running on this branch: fork it before committing or after the reply")
         child = _Branch(max(self.branches) + 1, list(parent.history))
         if parent.live is not None:
-            # Fork and attach its stream in one engine-thread call, so no output can slip between.
-            # (AsyncEngine has no fork of its own; this uses its stream registry directly.)
-            live, stream = parent.live, _Stream(asyncio.get_running_loop(), asyncio.Queue())
-
-            def fork_watched() -> int:
-                (seq,) = self.engine.fork(live, 1)
-                self.ae._streams[seq.seq_id] = stream
-                return seq.seq_id
-            child.live = await self.ae.call(fork_watched)
+            (seq,) = await self.ae.fork(parent.live, 1)
+            child.live = seq.seq_id
             child.pump = asyncio.create_task(self._pump(child, child.live))
         self.branches[child.id] = child
         self.send(forked=pb2.Forked(branch=parent.id, new_branch=child.id, num_tokens=len(child.history)))

@@ -10,7 +10,7 @@ taken at capture.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ class Region:
     dtype: str
     device: str
     count: int = 1  # tensors of this shape (per-layer weights are one row)
-    spans: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
 
 class MemoryPlan:
@@ -52,16 +51,15 @@ class MemoryPlan:
         region = self.regions.get(name)
         if region is None:
             self.regions[name] = Region(name, nbytes, "x".join(map(str, tensor.shape)) or "scalar",
-                                        str(tensor.dtype).removeprefix("torch."), str(tensor.device), 1, [span])
+                                        str(tensor.dtype).removeprefix("torch."), str(tensor.device))
         else:
             region.nbytes += nbytes
             region.count += 1
-            region.spans.append(span)
         if tensor.device.type == "cpu":
             self._spans.append(span)
 
     def add_span(self, name: str, start: int, end: int, shape: str, dtype: str, device: str) -> None:
-        self.regions[name] = Region(name, end - start, shape, dtype, device, 1, [(start, end)])
+        self.regions[name] = Region(name, end - start, shape, dtype, device)
         if device == "cpu":
             self._spans.append((start, end))
 

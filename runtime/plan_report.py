@@ -15,7 +15,7 @@ def plan_json(engine) -> dict:
     plan, costs = engine.memory_plan, engine.costs
     return {
         "device": str(engine.device), "backend": engine.backend,
-        "regions": [{k: v for k, v in asdict(r).items() if k != "spans"} for r in plan.regions.values()],
+        "regions": [asdict(r) for r in plan.regions.values()],
         "total_bytes": plan.total_bytes,
         "capacity": {**plan.capacity, "max_model_len": engine.max_model_len},
         "programs": [

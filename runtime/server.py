@@ -61,9 +61,8 @@ def _field(body: dict, name: str, kinds, default=None):
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) and kinds is not bool and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise HTTPError(400, f"'{name}' must be {_kind_name(kinds)}, got a boolean", param=name)
-    if not isinstance(value, kinds):
+    # bool is an int in Python, but `"max_tokens": true` is a client's mistake, not 1.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
         raise HTTPError(400, f"'{name}' must be {_kind_name(kinds)}, got {type(value).__name__}", param=name)
     return value
 
@@ -290,7 +289,7 @@ class _Reply:
                 "top_logprobs": [{text(t): lp for t, lp in o.top_logprobs} for o in tokens] if self.params.logprobs
                 else None, "text_offset": []}
 
-    def _usage(self, completion_tokens: int, n: int) -> dict:
+    def _usage(self, completion_tokens: int) -> dict:
         prompt = len(self.prompt_ids)
         return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
                 "total_tokens": prompt + completion_tokens}
@@ -319,7 +318,7 @@ class _Reply:
         completion = sum(o.token_id is not None for outs in per_seq for o in outs)
         return JSONResponse({"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                              "created": self.created, "model": self.server.model_name, "choices": choices,
-                             "usage": self._usage(completion, len(seqs))})
+                             "usage": self._usage(completion)})
 
     def _with_prompt(self, seq, logprobs: dict) -> dict:
         text = lambda t: self.tokenizer.token_text(t)  # noqa: E731
@@ -374,7 +373,7 @@ class _Reply:
             if include_usage:
                 yield "data: " + json.dumps({"id": self.id, "object": kind, "created": self.created,
                                              "model": self.server.model_name, "choices": [],
-                                             "usage": self._usage(completion, len(seqs))}) + "\n\n"
+                                             "usage": self._usage(completion)}) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for task in tasks:  # a client that left: each pump's exit cancels its sequence

@@ -24,7 +24,6 @@ from .config import ModelConfig
 ALIGN = 64  # bytes: a cache line, and the widest vector load the CPU kernels issue
 
 METADATA = ("token_ids", "positions", "slot_mapping", "logit_rows", "block_tables", "seq_lens", "query_start")
-ACTIVATIONS = ("x", "h", "qkv", "attn", "out", "gate_up", "act", "last", "logits")
 
 
 @dataclass(frozen=True)
