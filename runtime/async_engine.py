@@ -40,10 +40,16 @@ class OverloadedError(LockstepError):
     """The waiting queue is full; the client should retry later."""
 
 
+class EngineStoppedError(LockstepError):
+    """The engine thread is not running (shut down, or not started): HTTP 503 / UNAVAILABLE."""
+
+
 class Observer(Protocol):
     """What a metrics collector hears, on the engine thread (runtime/metrics.py)."""
 
     def on_added(self, seq: Sequence, now: float) -> None: ...
+
+    def on_forked(self, parent: Sequence, children: list[Sequence], now: float) -> None: ...
 
     def on_step(self, engine: Engine, seconds: float) -> None: ...  # engine.last_step is the step
 
@@ -64,6 +70,9 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._streams: dict[int, _Stream] = {}
         self._stop = threading.Event()
+        # Held while a command is queued and while the stopping thread drains the queue, so no
+        # command can slip in after the drain and wait forever for an answer.
+        self._submit_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="lockstep-engine", daemon=True)
 
     def start(self) -> AsyncEngine:
@@ -74,14 +83,28 @@ class AsyncEngine:
         """Stops the engine thread after its current step; live streams end as cancelled."""
         self._stop.set()
         self._commands.put((lambda: None, Future()))  # wakes an idle thread
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def _submit(self, fn: Callable[[], object], future: Future) -> None:
+        """Queues a command for the engine thread, or fails its future if the engine is stopped."""
+        with self._submit_lock:
+            if not self._stop.is_set():
+                self._commands.put((fn, future))
+                return
+        future.set_exception(EngineStoppedError("the engine is not running (the server is shutting down); "
+                                                "retry against a running server"))
 
     # --- callers (any thread / event loop) ---------------------------------------------------------
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Runs fn on the engine thread between two steps; its result or its error comes back."""
         future: Future = Future()
-        self._commands.put((fn, future))
+        self._submit(fn, future)
         return await asyncio.wrap_future(future)
 
     async def open(self, prompt: str | Seq[int], params: SamplingParams, generate: bool = True) -> int:
@@ -105,7 +128,7 @@ class AsyncEngine:
             return seq
 
         future: Future = Future()
-        self._commands.put((add, future))
+        self._submit(add, future)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -126,7 +149,7 @@ class AsyncEngine:
                 yield out
         finally:
             if not finished:  # the caller went away: stop generating for it
-                self._commands.put((lambda: self._abandon(seq_id), Future()))
+                self._submit(lambda: self._abandon(seq_id), Future())
 
     async def generate(self, prompt: str | Seq[int], params: SamplingParams) -> AsyncIterator[SeqOutput]:
         """Queues a request and yields its outputs as they come, the finished one last.
@@ -141,16 +164,24 @@ class AsyncEngine:
         """Forks a live sequence n times (KV shared by refcount) and gives each fork a stream, in
         one engine-thread call so no output slips between; with commit, the parent and the forks
         then all start generating, each sampling on its own branch."""
+        return [child for child, _ in await self.fork_with_tokens(seq_id, n, commit)]
+
+    async def fork_with_tokens(self, seq_id: int, n: int = 1, commit: bool = False) -> list[tuple[Sequence, list[int]]]:
+        """fork(), each fork with a copy of its token ids at the fork: the tokens its stream will
+        never show (a caller's view of a generating parent lags behind the engine's)."""
         streams = [_Stream(asyncio.get_running_loop(), asyncio.Queue()) for _ in range(n)]
 
-        def fork() -> list[Sequence]:
+        def fork() -> list[tuple[Sequence, list[int]]]:
+            parent = self.engine._live(seq_id)
             children = self.engine.fork(seq_id, n)
             for child, stream in zip(children, streams):
                 self._streams[child.seq_id] = stream
+            if self.observer is not None:
+                self.observer.on_forked(parent, children, time.perf_counter())
             if commit:
-                for seq in [self.engine._live(seq_id), *children]:
+                for seq in [parent, *children]:
                     self.engine.commit(seq.seq_id)
-            return children
+            return [(child, list(child.token_ids)) for child in children]
         return await self.call(fork)
 
     async def fork_and_commit(self, seq_id: int, n: int) -> list[Sequence]:
@@ -163,7 +194,7 @@ class AsyncEngine:
     def _cancel_if_added(self, future: Future) -> None:
         if not future.cancelled() and future.exception() is None:
             seq_id = getattr(future.result(), "seq_id", future.result())
-            self._commands.put((lambda: self._abandon(seq_id), Future()))
+            self._submit(lambda: self._abandon(seq_id), Future())
 
     def _abandon(self, seq_id: int) -> None:
         """Nobody listens to this sequence any more (engine thread): cancel it, drop its stream."""
@@ -174,22 +205,37 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.engine
-        while not self._stop.is_set():
-            self._apply_commands(block=not engine.has_work())
-            if self._stop.is_set():
-                break
-            if not engine.has_work():
-                continue
-            t0 = time.perf_counter()
-            try:
-                outputs = engine.step()
-            except Exception as exc:  # noqa: BLE001 - a bug in a step must not hang every client
-                log.exception("engine step raised outside the forward; failing every live request")
-                outputs = engine.finish_all(FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
-            if self.observer is not None:
-                self.observer.on_step(engine, time.perf_counter() - t0)
-            self._dispatch(outputs)
-        self._dispatch(engine.finish_all(FinishReason.CANCELLED))
+        try:
+            while not self._stop.is_set():
+                self._apply_commands(block=not engine.has_work())
+                if self._stop.is_set():
+                    break
+                if not engine.has_work():
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    outputs = engine.step()
+                except Exception as exc:  # noqa: BLE001 - a bug in a step must not hang every client
+                    log.exception("engine step raised outside the forward; failing every live request")
+                    outputs = engine.finish_all(FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
+                if self.observer is not None:
+                    self.observer.on_step(engine, time.perf_counter() - t0)
+                self._dispatch(outputs)
+            self._dispatch(engine.finish_all(FinishReason.CANCELLED))
+        except BaseException:
+            log.exception("the engine thread failed; the server cannot generate until it restarts")
+            raise
+        finally:
+            self._stop.set()
+            with self._submit_lock:  # _submit now refuses: drain what is still queued
+                pass
+            while True:
+                try:
+                    _, future = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineStoppedError("the engine stopped before this command ran"))
 
     def _apply_commands(self, block: bool) -> None:
         try:

@@ -16,8 +16,10 @@ Session lifecycle, per branch (branch 0 exists from the start; `fork` adds more)
   the sequence is cancelled at the next step boundary, its last tokens and ReplyFinished are
   sent, then the Cancelled ack; keep_partial decides whether the partial reply joins the history.
 - `truncate` (no reply running) cuts the history, and the live sequence with it.
-- `fork` (no reply running) makes a branch with a copy of the history; a live prefill-only
-  sequence is forked in the engine (its KV shared by refcount).
+- `fork` makes a branch with a copy of the history, its live sequence forked in the engine (KV
+  shared by refcount). Forking a running reply (search over continuations) gives the new branch
+  the reply so far as history and a reply of its own, under a new response_id, sampled on its
+  own branch so it continues differently.
 - A request that fails (bad value, out of range, context full, overload) is answered with a
   SessionError event and changes nothing; the session goes on. Half-closing the request stream
   waits for running replies, then ends every live sequence and sends SessionEnd. A client that
@@ -25,7 +27,7 @@ Session lifecycle, per branch (branch 0 exists from the start; `fork` adds more)
 
 Errors become gRPC status codes with a one-line message, never a traceback:
 InvalidRequestError/ContextLengthError -> INVALID_ARGUMENT; OverloadedError, CapacityError ->
-RESOURCE_EXHAUSTED; a missing or wrong API key -> UNAUTHENTICATED, before the engine is touched.
+RESOURCE_EXHAUSTED; EngineStoppedError -> UNAVAILABLE; a missing or wrong API key -> UNAUTHENTICATED, before the engine is touched.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from .async_engine import AsyncEngine, OverloadedError
+from .async_engine import AsyncEngine, EngineStoppedError, OverloadedError
 from .errors import CapacityError, InvalidRequestError, LockstepError
 from .grpc_codegen import pb2, pb2_grpc
 from .sampling_params import SamplingParams
@@ -52,6 +54,8 @@ _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "see
 
 
 def status_of(exc: LockstepError) -> grpc.StatusCode:
+    if isinstance(exc, EngineStoppedError):
+        return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, (OverloadedError, CapacityError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, InvalidRequestError):
@@ -240,15 +244,26 @@ class _Session:
 
     async def on_fork(self, fork: pb2.Fork) -> None:
         parent = self.branches[fork.branch]
-        if parent.replying:
-            raise SessionStateError("a reply is running on this branch: fork it before committing or after the reply")
         child = _Branch(max(self.branches) + 1, list(parent.history))
-        if parent.live is not None:
-            (seq,) = await self.ae.fork(parent.live, 1)
-            child.live = seq.seq_id
-            child.pump = asyncio.create_task(self._pump(child, child.live))
+        live, replying = parent.live, parent.replying
+        if live is not None:
+            try:
+                ((seq, tokens),) = await self.ae.fork_with_tokens(live, 1)
+            except InvalidRequestError:  # it ended in the engine before the fork: fork what it left
+                if parent.pump is not None:
+                    await asyncio.shield(parent.pump)
+                child.history, replying = list(parent.history), False
+            else:
+                # The engine's tokens at the fork: a running reply's tokens so far are the fork's
+                # conversation (its own reply starts after them), however far the parent's
+                # stream has got.
+                child.history, child.live = tokens, seq.seq_id
         self.branches[child.id] = child
         self.send(forked=pb2.Forked(branch=parent.id, new_branch=child.id, num_tokens=len(child.history)))
+        if child.live is not None:
+            if replying:  # the fork goes on generating: a reply of its own, sampled on its own branch
+                self._begin_reply(child, next(self.next_response_id))
+            child.pump = asyncio.create_task(self._pump(child, child.live))
 
     # --- the live sequence -----------------------------------------------------------------------
 
@@ -363,7 +378,7 @@ class LockstepService(pb2_grpc.LockstepServicer):
         try:
             running, waiting = await asyncio.wait_for(
                 self.ae.call(lambda: (len(scheduler.running), scheduler.num_waiting)), HEALTH_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, EngineStoppedError):
             return pb2.HealthResponse(status="NOT_SERVING")
         return pb2.HealthResponse(status="SERVING", num_running=running, num_waiting=waiting)
 

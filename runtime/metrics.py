@@ -36,9 +36,19 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 
 @dataclass
 class _Request:
-    arrival: float | None  # None: not queued through on_added (a fork): no TTFT, queue or e2e time
+    arrival: float | None  # None: unknown (a sequence the observer never heard of): no TTFT or e2e time
     last_token: float | None = None
     scheduled: bool = False  # has it been in a step yet (ends its queue time)
+
+
+class _Partial:
+    """A labelled metric with model_name already bound: .labels(program=...) gives the child."""
+
+    def __init__(self, metric, bound: dict[str, str]) -> None:
+        self.metric, self.bound = metric, bound
+
+    def labels(self, **labels: str):
+        return self.metric.labels(**self.bound, **labels)
 
 
 class EngineMetrics:
@@ -48,16 +58,23 @@ class EngineMetrics:
     share or collide on series. render() gives the exposition for GET /metrics.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "default") -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
+        # Every series carries model_name, as vLLM's do, so one dashboard tells servers apart.
+        model = {"model_name": model_name}
 
         def histogram(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
-            return Histogram(PREFIX + name, doc, labels, registry=reg, buckets=LATENCY_BUCKETS)
+            metric = Histogram(PREFIX + name, doc, ("model_name", *labels), registry=reg, buckets=LATENCY_BUCKETS)
+            return metric.labels(**model) if not labels else _Partial(metric, model)
 
         # prometheus_client appends _total to a counter's samples: these expose e.g. prompt_tokens_total.
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(PREFIX + name, doc, labels, registry=reg)
+            metric = Counter(PREFIX + name, doc, ("model_name", *labels), registry=reg)
+            return metric.labels(**model) if not labels else _Partial(metric, model)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, ("model_name",), registry=reg).labels(**model)
 
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to the first generated token.")
         self.itl = histogram("inter_token_latency_seconds", "Time between two tokens of one request.")
@@ -66,14 +83,13 @@ class EngineMetrics:
                                     "Arrival to the start of the first step the request was in.")
         self.step_duration = histogram("step_duration_seconds", "Wall time of one engine step, by step program.",
                                        ("program",))
-        self.running = Gauge(PREFIX + "num_requests_running", "Sequences holding KV in the scheduler.",
-                             registry=reg)
-        self.waiting = Gauge(PREFIX + "num_requests_waiting", "Sequences queued for admission.", registry=reg)
-        self.kv_usage = Gauge(PREFIX + "kv_cache_usage_perc", "Fraction (0..1) of KV blocks in use.",
-                              registry=reg)
-        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests.")
+        self.running = gauge("num_requests_running", "Sequences holding KV in the scheduler.")
+        self.waiting = gauge("num_requests_waiting", "Sequences queued for admission.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction (0..1) of KV blocks in use.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests (a fork adds none).")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
-        self.request_success = counter("request_success", "Requests ended, by finish reason.", ("finished_reason",))
+        self.request_success = counter("request_success", "Sequences ended (a fork is one), by finish reason.",
+                                       ("finished_reason",))
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         for reason in FinishReason:  # every reason shows from the start, at 0
@@ -87,6 +103,13 @@ class EngineMetrics:
         self._requests[seq.seq_id] = _Request(arrival=now)
         self.prompt_tokens.inc(seq.num_prompt_tokens)
         self.waiting.inc()  # exact again after the next step
+
+    def on_forked(self, parent: Sequence, children: list[Sequence], now: float) -> None:
+        """A fork is timed from its request's arrival (n > 1: the parent's), its queue time
+        counted once, with the parent's."""
+        req = self._requests.get(parent.seq_id)
+        for child in children:
+            self._requests[child.seq_id] = _Request(arrival=req.arrival if req else None, scheduled=True)
 
     def on_step(self, engine: Engine, seconds: float) -> None:
         step = engine.last_step
@@ -114,7 +137,7 @@ class EngineMetrics:
         req = self._requests.get(out.seq_id)
         if out.token_id is not None:
             self.generation_tokens.inc()
-            if req is None:  # a fork made on the engine thread: inter-token times only
+            if req is None:  # made on the engine thread without the observer: inter-token times only
                 req = self._requests[out.seq_id] = _Request(arrival=None, scheduled=True)
             if req.last_token is not None:
                 self.itl.observe(now - req.last_token)

@@ -14,19 +14,19 @@ from .server import OpenAIServer
 log = logging.getLogger("lockstep")
 
 
-def build_server(engine: Engine, model_name: str, api_key: str | None = None,
-                 max_waiting: int = 256) -> tuple[AsyncEngine, OpenAIServer]:
+def build_server(engine: Engine, model_name: str, api_key: str | None = None, max_waiting: int = 256,
+                 strict: bool = False) -> tuple[AsyncEngine, OpenAIServer]:
     """The AsyncEngine (started) and the HTTP app over it, with Prometheus metrics."""
     from .metrics import EngineMetrics
 
-    metrics = EngineMetrics()
+    metrics = EngineMetrics(model_name)
     async_engine = AsyncEngine(engine, max_waiting=max_waiting, observer=metrics).start()
-    return async_engine, OpenAIServer(async_engine, model_name, api_key=api_key, metrics=metrics)
+    return async_engine, OpenAIServer(async_engine, model_name, api_key=api_key, metrics=metrics, strict=strict)
 
 
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_waiting: int = 256, grpc_port: int = 50051) -> int:
-    async_engine, server = build_server(engine, model_name, api_key, max_waiting)
+          max_waiting: int = 256, grpc_port: int = 50051, strict: bool = False) -> int:
+    async_engine, server = build_server(engine, model_name, api_key, max_waiting, strict)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
 

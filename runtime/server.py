@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .async_engine import AsyncEngine, OverloadedError
+from .async_engine import AsyncEngine, EngineStoppedError, OverloadedError
 from .errors import CapacityError, InvalidRequestError, LockstepError
 from .sampling_params import SamplingParams
 from .sequence import FinishReason, SeqOutput
@@ -52,6 +52,20 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "abort",
           FinishReason.ERROR: "error"}
 
+# The fields each endpoint understands. A field OpenAI defines that lockstep cannot honour is
+# accepted only at its neutral value (UNSUPPORTED), so a request is never silently answered
+# differently from what it asked. Anything else is unknown: ignored, or a 400 with `strict`.
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "stop",
+                 "stop_token_ids", "logprobs", "stream", "stream_options", "ignore_eos", "min_tokens",
+                 "itl_target_ms", "latency_class", "priority", "return_token_ids",
+                 "user", "store", "metadata", "service_tier"}  # the last four change nothing in the output
+ENDPOINT_FIELDS = {False: COMMON_FIELDS | {"prompt", "echo"},
+                   True: COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "parallel_tool_calls"}}
+UNSUPPORTED = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
+               "logit_bias": ({},), "best_of": (1,), "suffix": ("",), "tools": ([],), "functions": ([],),
+               "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+               "response_format": ({"type": "text"},)}
+
 SAMPLING_FIELDS = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
                    "min_p": (int, float), "seed": int, "ignore_eos": bool, "min_tokens": int,
                    "itl_target_ms": (int, float)}
@@ -75,8 +89,9 @@ def _kind_name(kinds) -> str:
 
 class OpenAIServer:
     def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None = None, metrics=None,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, strict: bool = False) -> None:
         self.engine = engine
+        self.strict = strict  # unknown request fields are a 400 (else ignored)
         self.model_name = model_name
         self.api_key = api_key
         self.metrics = metrics
@@ -111,6 +126,8 @@ class OpenAIServer:
 
         @app.get("/health")
         async def health():
+            if not self.engine.is_running:
+                return JSONResponse({"status": "unavailable"}, 503)
             return {"status": "ok"}
 
         @app.get("/metrics")
@@ -139,8 +156,8 @@ class OpenAIServer:
     def _lockstep_error(self, exc: LockstepError) -> JSONResponse:
         if isinstance(exc, OverloadedError):
             return error_response(429, str(exc), "rate_limit_error")
-        if isinstance(exc, CapacityError):
-            return error_response(503, str(exc), "server_error")
+        if isinstance(exc, (CapacityError, EngineStoppedError)):
+            return error_response(503, str(exc), "service_unavailable_error")
         return error_response(400, str(exc), "invalid_request_error")
 
     # --- requests --------------------------------------------------------------------------------
@@ -158,6 +175,19 @@ class OpenAIServer:
             raise HTTPError(400, "request body must be a JSON object")
         return body
 
+    def _check_fields(self, body: dict, chat: bool) -> None:
+        for name, neutral in UNSUPPORTED.items():
+            if body.get(name) is not None and body[name] not in neutral:
+                raise HTTPError(400, f"'{name}' is not supported by lockstep; leave it out (or send "
+                                     f"{json.dumps(neutral[0])})", param=name)
+        unknown = sorted(set(body) - ENDPOINT_FIELDS[chat] - set(UNSUPPORTED))
+        if unknown and self.strict:
+            raise HTTPError(400, f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                                 "(this server is strict: see the README's list of request fields)",
+                            param=unknown[0])
+        if unknown:
+            log.debug("ignoring unknown request fields %s", unknown)
+
     def _params(self, body: dict, chat: bool) -> tuple[SamplingParams, int]:
         values = {name: _field(body, name, kinds) for name, kinds in SAMPLING_FIELDS.items() if name in body}
         if chat and body.get("max_completion_tokens") is not None:
@@ -174,6 +204,11 @@ class OpenAIServer:
             if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
                 raise HTTPError(400, "'stop' must be a string or a list of strings", param="stop")
             values["stop"] = stop
+        stop_ids = body.get("stop_token_ids")
+        if stop_ids is not None:
+            if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+                raise HTTPError(400, "'stop_token_ids' must be a list of token ids", param="stop_token_ids")
+            values["stop_token_ids"] = stop_ids
         latency = body.get("latency_class", body.get("priority"))
         if latency is not None:
             if latency not in ("interactive", "batch"):
@@ -222,6 +257,7 @@ class OpenAIServer:
         if model is not None and model != self.model_name:
             raise HTTPError(404, f"model '{model}' is not served here; this server serves '{self.model_name}'",
                             "not_found_error", "model")
+        self._check_fields(body, chat)
         params, n = self._params(body, chat)
         ids, prompt_text = self._prompt(body, chat)
         stream = _field(body, "stream", bool, False)

@@ -105,3 +105,20 @@ def test_shutdown_ends_live_streams_once(make_engine) -> None:
         return outs
     outs = asyncio.run(run())
     assert sum(o.finished for o in outs) == 1 and outs[-1].finish_reason is FinishReason.CANCELLED
+
+
+def test_a_stopped_engine_refuses_at_once_instead_of_hanging(make_engine) -> None:
+    """After shutdown every call fails with EngineStoppedError (HTTP 503 / UNAVAILABLE); before
+    the fix a command queued to a dead thread waited forever."""
+    from lockstep.runtime.async_engine import EngineStoppedError
+
+    served = AsyncEngine(make_engine()).start()
+    assert served.is_running
+    served.shutdown()
+    assert not served.is_running
+
+    async def run():
+        for attempt in (served.call(lambda: 1), served.open(PROMPTS[0], SamplingParams(max_tokens=2))):
+            with pytest.raises(EngineStoppedError, match="not running"):
+                await asyncio.wait_for(attempt, 5)
+    asyncio.run(run())

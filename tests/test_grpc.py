@@ -30,6 +30,9 @@ class CountingObserver:
     def on_added(self, seq, now) -> None:
         self.added += 1
 
+    def on_forked(self, parent, children, now) -> None:
+        pass
+
     def on_step(self, engine, seconds) -> None:
         pass
 
@@ -259,4 +262,73 @@ def test_a_client_that_disconnects_cancels_its_generation(make_engine) -> None:
         await wait_for_no_sequences(ae)
         health = await stub.Health(pb2.HealthRequest())
         assert (health.status, health.num_running, health.num_waiting) == ("SERVING", 0, 0)
+    run_with_server(make_engine, body)
+
+
+def test_fork_during_a_reply_continues_on_a_branch_of_its_own(make_engine) -> None:
+    """Forking a running reply (search over continuations): the new branch holds the reply so far
+    and replies on under a new response id. Greedy, so both branches must go on with the tokens
+    one uninterrupted reply has at those positions."""
+    tokenizer = make_engine().tokenizer
+    prompt_ids = tokenizer.encode(PROMPT)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want = make_engine().generate([prompt_ids], greedy)[0].output_ids
+
+    async def body(stub, ae, observer):
+        call = stub.Session()
+        sampling = pb2.SamplingOptions(temperature=0.0, max_tokens=40, ignore_eos=True)
+        await call.write(pb2.SessionRequest(start=pb2.SessionStart(sampling=sampling)))
+        await call.write(pb2.SessionRequest(append=pb2.Append(token_ids=pb2.TokenIds(ids=prompt_ids))))
+        await next_event(call, "appended")
+        await call.write(pb2.SessionRequest(commit=pb2.Commit()))
+        parent_reply = (await next_event(call, "reply_started")).reply_started
+        first = (await next_event(call, "token")).token
+        await call.write(pb2.SessionRequest(fork=pb2.Fork()))
+        tokens: dict[int, list] = {0: [first], 1: []}
+        finished, forked, child_reply = {}, None, None
+        while len(finished) < 2:
+            event = await next_event(call)
+            kind = event.WhichOneof("event")
+            if kind == "token":
+                tokens[event.token.branch].append(event.token)
+            elif kind == "forked":
+                forked = event.forked
+            elif kind == "reply_started":
+                assert forked is not None, "the fork's ReplyStarted follows its Forked"
+                child_reply = event.reply_started
+            elif kind == "reply_finished":
+                finished[event.reply_finished.branch] = event.reply_finished
+            else:
+                raise AssertionError(f"unexpected {event}")
+        assert forked.new_branch == 1 and child_reply.branch == 1
+        assert child_reply.response_id > parent_reply.response_id
+        assert child_reply.num_tokens == forked.num_tokens > len(prompt_ids), "the reply so far is its history"
+        assert all(t.response_id == child_reply.response_id for t in tokens[1])
+        assert [t.position for t in tokens[1]] == list(range(forked.num_tokens, forked.num_tokens + len(tokens[1])))
+        await call.done_writing()
+        await next_event(call, "end")
+        await wait_for_no_sequences(ae)
+        return forked.num_tokens, tokens, finished
+
+    fork_at, tokens, finished = run_with_server(make_engine, body)
+    parent = [t.token.token_id for t in tokens[0]]
+    child = [t.token.token_id for t in tokens[1]]
+    assert parent == want and finished[0].finished.finish_reason == "length"
+    assert len(child) == 40 - (fork_at - len(prompt_ids)), "the fork keeps its parent's max_tokens budget"
+    assert want[fork_at - len(prompt_ids):] == child
+    assert finished[1].num_tokens == len(prompt_ids) + 40
+
+
+def test_a_stopped_engine_answers_unavailable(make_engine) -> None:
+    async def body(stub, ae, observer):
+        ae.shutdown()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [r async for r in stub.Generate(pb2.GenerateRequest(text=PROMPT))]
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "not running" in info.value.details()
+        assert (await stub.Health(pb2.HealthRequest())).status == "NOT_SERVING"
+        call = stub.Session()
+        await call.write(pb2.SessionRequest(append=pb2.Append(text=PROMPT)))
+        assert (await next_event(call, "error")).error.code == "UNAVAILABLE"
+        await call.done_writing()
+        await next_event(call, "end")
     run_with_server(make_engine, body)

@@ -17,12 +17,18 @@ SHARED = ("The old lighthouse keeper climbed the spiral stairs every evening, co
           "two hundred steps, and lit the lamp that guided the fishing boats home through the fog.")
 
 
-def samples(metrics: EngineMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of the exposition text: (name, sorted labels) -> value."""
+def samples(metrics: EngineMetrics, model_name: str = "default") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the exposition text: (name, sorted labels but model_name) -> value. Every
+    sample must carry the served model's name, as vLLM's do."""
     text, content_type = metrics.render()
     assert content_type.startswith("text/plain")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text.decode()) for s in family.samples}
+    found = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            labels = dict(s.labels)
+            assert labels.pop("model_name", None) == model_name, s
+            found[(s.name, tuple(sorted(labels.items())))] = s.value
+    return found
 
 
 def value(found: dict, name: str, **labels: str) -> float:
@@ -47,7 +53,7 @@ def test_latency_buckets_resolve_below_a_millisecond() -> None:
 
 
 def test_metrics_match_what_the_requests_had(make_engine) -> None:
-    metrics = EngineMetrics()
+    metrics = EngineMetrics("smollm2")
     served = AsyncEngine(make_engine(), observer=metrics).start()
     tokenizer = served.engine.tokenizer
     length_ids = tokenizer.encode("The first rule of the garden is")
@@ -88,7 +94,7 @@ def test_metrics_match_what_the_requests_had(make_engine) -> None:
         while metrics.num_tracked and time.monotonic() < deadline:
             time.sleep(0.01)
         assert metrics.num_tracked == 0, "per-request state is dropped at each terminal output"
-        found = samples(metrics)
+        found = samples(metrics, "smollm2")
     finally:
         served.shutdown()
 
@@ -125,3 +131,33 @@ def test_metrics_match_what_the_requests_had(make_engine) -> None:
     hits = value(found, "lockstep:prefix_cache_hits_total")
     assert hits >= served.engine.kv.block_size, "the repeated prompt reused at least one block"
     assert value(found, "lockstep:prefix_cache_queries_total") >= hits
+
+
+def test_forks_are_timed_from_their_requests_arrival(make_engine) -> None:
+    """n answers of one prompt (what HTTP n=3 does): the prompt counts once, its queue time once,
+    and each fork gets a TTFT and an e2e latency from the request's arrival."""
+    metrics = EngineMetrics()
+    served = AsyncEngine(make_engine(), observer=metrics).start()
+    ids = served.engine.tokenizer.encode("Three colours of the sea:")
+    sp = SamplingParams(temperature=0.8, seed=5, max_tokens=3, ignore_eos=True)
+
+    async def run():
+        parent = await served.open_sequence(ids, sp, generate=False)
+        children = await served.fork_and_commit(parent.seq_id, 2)
+
+        async def collect(seq_id):
+            return [o async for o in served.outputs(seq_id)]
+        return await asyncio.gather(*(collect(s.seq_id) for s in [parent, *children]))
+
+    try:
+        answers = asyncio.run(run())
+        found = samples(metrics)
+    finally:
+        served.shutdown()
+    assert [sum(o.token_id is not None for o in outs) for outs in answers] == [3, 3, 3]
+    assert value(found, "lockstep:prompt_tokens_total") == len(ids)
+    assert value(found, "lockstep:request_queue_time_seconds_count") == 1
+    assert value(found, "lockstep:time_to_first_token_seconds_count") == 3
+    assert value(found, "lockstep:e2e_request_latency_seconds_count") == 3
+    assert value(found, "lockstep:inter_token_latency_seconds_count") == 6
+    assert value(found, "lockstep:request_success_total", finished_reason="length") == 3

@@ -259,8 +259,9 @@ def test_32_concurrent_streams_each_equal_the_request_alone(server, reference) -
     assert asyncio.run(all_streams()) == want
 
 
-def test_overload_is_429_and_arena_capacity_is_503(make_engine) -> None:
-    """A full waiting queue answers 429 (rate_limit_error); a KV arena error answers 503."""
+def test_overload_is_429_and_a_stopped_engine_is_503(make_engine) -> None:
+    """A full waiting queue answers 429 (rate_limit_error); once the engine has stopped, requests
+    and /health answer 503 at once (they used to wait forever); a KV arena error maps to 503."""
     from fastapi.testclient import TestClient
 
     from lockstep.runtime.errors import CapacityError
@@ -275,5 +276,41 @@ def test_overload_is_429_and_arena_capacity_is_503(make_engine) -> None:
             assert r.status_code == 429
             assert app_server._lockstep_error(CapacityError("KV arena exhausted")).status_code == 503
             assert http.get("/health").status_code == 200
+            async_engine.shutdown()
+            for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2})):
+                r = http.post(path, json=body)
+                assert r.status_code == 503 and "not running" in r.json()["error"]["message"], r.text
+            assert http.get("/health").status_code == 503
     finally:
         async_engine.shutdown()
+
+
+def test_unsupported_fields_are_refused_and_unknown_ones_refused_only_when_strict(server) -> None:
+    """A field lockstep cannot honour is a 400 unless it has its neutral value; an unknown one is
+    ignored, or a 400 naming it on a strict server (--strict-requests)."""
+    from fastapi.testclient import TestClient
+
+    from lockstep.runtime.server import OpenAIServer
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    base = {"model": MODEL, "prompt": "The moon is", "max_tokens": 2, "temperature": 0}
+    post = lambda body: httpx.post(server["url"] + "/v1/completions", json=body, headers=headers, timeout=30)  # noqa: E731
+    r = post({**base, "presence_penalty": 0.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty"
+    assert "not supported" in r.json()["error"]["message"]
+    want = post(base).json()["choices"][0]["text"]
+    for extra in ({"presence_penalty": 0}, {"user": "someone"}, {"made_up_field": 1}):
+        r = post({**base, **extra})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (extra, r.text)
+
+    strict = OpenAIServer(server["async_engine"], MODEL, api_key=KEY, strict=True)
+    with TestClient(strict.app) as http:
+        r = http.post("/v1/completions", json={**base, "made_up_field": 1, "another": 2}, headers=headers)
+        assert r.status_code == 400 and "'another', 'made_up_field'" in r.json()["error"]["message"]
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "echo": True}
+        r = http.post("/v1/chat/completions", json=chat, headers=headers)  # echo is a completions field
+        assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+        chat.pop("echo")
+        r = http.post("/v1/chat/completions", json={**chat, "user": "u", "stop_token_ids": [2]}, headers=headers)
+        assert r.status_code == 200, r.text
