@@ -45,7 +45,8 @@ class EngineStoppedError(LockstepError):
 
 
 class Observer(Protocol):
-    """What a metrics collector hears, on the engine thread (runtime/metrics.py)."""
+    """What a metrics collector or the request log hears, on the engine thread (runtime/metrics.py,
+    runtime/request_log.py)."""
 
     def on_added(self, seq: Sequence, now: float) -> None: ...
 
@@ -63,10 +64,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_waiting: int = 256, observer: Observer | None = None) -> None:
+    def __init__(self, engine: Engine, max_waiting: int = 256, observers: Seq[Observer] = ()) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
-        self.observer = observer
+        self.observers = list(observers)  # metrics, the request log: each hears every event
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
         self._streams: dict[int, _Stream] = {}
         self._stop = threading.Event()
@@ -123,8 +124,8 @@ class AsyncEngine:
                 raise OverloadedError(f"{self.max_waiting} requests are already waiting; retry later")
             seq = self.engine.add_request(prompt, params, generate=generate)
             self._streams[seq.seq_id] = stream
-            if self.observer is not None:
-                self.observer.on_added(seq, now)
+            for observer in self.observers:
+                observer.on_added(seq, now)
             return seq
 
         future: Future = Future()
@@ -176,8 +177,9 @@ class AsyncEngine:
             children = self.engine.fork(seq_id, n)
             for child, stream in zip(children, streams):
                 self._streams[child.seq_id] = stream
-            if self.observer is not None:
-                self.observer.on_forked(parent, children, time.perf_counter())
+            now = time.perf_counter()
+            for observer in self.observers:
+                observer.on_forked(parent, children, now)
             if commit:
                 for seq in [parent, *children]:
                     self.engine.commit(seq.seq_id)
@@ -218,8 +220,9 @@ class AsyncEngine:
                 except Exception as exc:  # noqa: BLE001 - a bug in a step must not hang every client
                     log.exception("engine step raised outside the forward; failing every live request")
                     outputs = engine.finish_all(FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
-                if self.observer is not None:
-                    self.observer.on_step(engine, time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
+                for observer in self.observers:
+                    observer.on_step(engine, seconds)
                 self._dispatch(outputs)
             self._dispatch(engine.finish_all(FinishReason.CANCELLED))
         except BaseException:
@@ -256,8 +259,8 @@ class AsyncEngine:
     def _dispatch(self, outputs: list[SeqOutput]) -> None:
         now = time.perf_counter()
         for out in outputs:
-            if self.observer is not None:
-                self.observer.on_output(out, now)
+            for observer in self.observers:
+                observer.on_output(out, now)
             stream = self._streams.get(out.seq_id)
             if stream is None:
                 continue

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: file name)")
     serve.add_argument("--strict-requests", action="store_true",
                        help="answer 400 to request fields lockstep does not know (default: ignore them)")
+    serve.add_argument("--log-requests", action="store_true",
+                       help="log each request's prompt, parameters and output (default: never logged)")
     _add_model_args(serve)
 
     plan = command("plan", "Print the static plan: memory regions, KV capacity and each step program's cost.")
@@ -258,7 +260,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine, model = _engine(args)
     name = args.served_model_name or model.source.name
     return serve(engine, name, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
-                 grpc_port=args.grpc_port, strict=args.strict_requests)
+                 grpc_port=args.grpc_port, strict=args.strict_requests,
+                 log_requests=args.log_requests)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -15,18 +15,23 @@ log = logging.getLogger("lockstep")
 
 
 def build_server(engine: Engine, model_name: str, api_key: str | None = None, max_waiting: int = 256,
-                 strict: bool = False) -> tuple[AsyncEngine, OpenAIServer]:
-    """The AsyncEngine (started) and the HTTP app over it, with Prometheus metrics."""
+                 strict: bool = False, log_requests: bool = False) -> tuple[AsyncEngine, OpenAIServer]:
+    """The AsyncEngine (started) and the HTTP app over it, with Prometheus metrics (and, when
+    asked, a log of every request's prompt and output)."""
     from .metrics import EngineMetrics
+    from .request_log import RequestLog
 
     metrics = EngineMetrics(model_name)
-    async_engine = AsyncEngine(engine, max_waiting=max_waiting, observer=metrics).start()
+    observers = [metrics, RequestLog(engine.tokenizer)] if log_requests else [metrics]
+    async_engine = AsyncEngine(engine, max_waiting=max_waiting, observers=observers).start()
     return async_engine, OpenAIServer(async_engine, model_name, api_key=api_key, metrics=metrics, strict=strict)
 
 
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_waiting: int = 256, grpc_port: int = 50051, strict: bool = False) -> int:
-    async_engine, server = build_server(engine, model_name, api_key, max_waiting, strict)
+          max_waiting: int = 256, grpc_port: int = 50051, strict: bool = False, log_requests: bool = False) -> int:
+    async_engine, server = build_server(engine, model_name, api_key, max_waiting, strict, log_requests)
+    if log_requests:
+        logging.getLogger("lockstep.requests").setLevel(logging.INFO)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
 

@@ -43,7 +43,7 @@ class CountingObserver:
 def run_with_server(make_engine, body, api_key: str | None = None, max_waiting: int = 256):
     """Runs `body(stub, async_engine, observer)` against a served engine; always stops both."""
     observer = CountingObserver()
-    ae = AsyncEngine(make_engine(), max_waiting=max_waiting, observer=observer).start()
+    ae = AsyncEngine(make_engine(), max_waiting=max_waiting, observers=[observer]).start()
 
     async def main():
         server = None

@@ -54,7 +54,7 @@ def test_latency_buckets_resolve_below_a_millisecond() -> None:
 
 def test_metrics_match_what_the_requests_had(make_engine) -> None:
     metrics = EngineMetrics("smollm2")
-    served = AsyncEngine(make_engine(), observer=metrics).start()
+    served = AsyncEngine(make_engine(), observers=[metrics]).start()
     tokenizer = served.engine.tokenizer
     length_ids = tokenizer.encode("The first rule of the garden is")
     cancel_ids = tokenizer.encode("def add(a, b):")
@@ -137,7 +137,7 @@ def test_forks_are_timed_from_their_requests_arrival(make_engine) -> None:
     """n answers of one prompt (what HTTP n=3 does): the prompt counts once, its queue time once,
     and each fork gets a TTFT and an e2e latency from the request's arrival."""
     metrics = EngineMetrics()
-    served = AsyncEngine(make_engine(), observer=metrics).start()
+    served = AsyncEngine(make_engine(), observers=[metrics]).start()
     ids = served.engine.tokenizer.encode("Three colours of the sea:")
     sp = SamplingParams(temperature=0.8, seed=5, max_tokens=3, ignore_eos=True)
 

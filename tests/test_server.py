@@ -7,6 +7,7 @@ the right status, and the server must keep serving after every one.
 """
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -314,3 +315,24 @@ def test_unsupported_fields_are_refused_and_unknown_ones_refused_only_when_stric
         chat.pop("echo")
         r = http.post("/v1/chat/completions", json={**chat, "user": "u", "stop_token_ids": [2]}, headers=headers)
         assert r.status_code == 200, r.text
+
+
+def test_prompts_and_outputs_are_logged_only_when_asked(make_engine, caplog) -> None:
+    from fastapi.testclient import TestClient
+
+    secret = "my account number is 12345"
+    body = {"prompt": secret, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    caplog.set_level(logging.DEBUG, logger="lockstep")
+    for log_requests in (False, True):
+        caplog.clear()
+        async_engine, app_server = build_server(make_engine(), MODEL, log_requests=log_requests)
+        try:
+            with TestClient(app_server.app) as http:
+                reply = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        finally:
+            async_engine.shutdown()
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        if not log_requests:
+            assert secret not in logged and (not reply.strip() or reply not in logged)
+        else:
+            assert secret in logged and repr(reply) in logged and "length after 3 tokens" in logged
