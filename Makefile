@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 
 CORE_SOURCES := CMakeLists.txt pyproject.toml $(wildcard cpp/*.cpp cpp/*.h cpp/cpu/*.cpp cpp/cpu/*.h cpp/cuda/*.cu bindings/*.cpp)
 
-.PHONY: install test serve fetch clean
+.PHONY: install test serve bench fetch clean
 
 # Dependencies first, torch pinned so pip takes the CPU wheel on local disk
 # instead of downloading a multi-GB CUDA build.
@@ -17,7 +17,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install scikit-build-core pybind11 "numpy>=1.26" "gguf>=0.10" "tokenizers>=0.21" \
 		"jinja2>=3.1" "safetensors>=0.4" "tqdm>=4.66" "triton>=3.6" "pytest>=8" "transformers>=4.46" "accelerate>=1.0" \
 		"nvidia-cuda-nvrtc>=13" "fastapi>=0.110" "uvicorn>=0.29" "prometheus-client>=0.20" "grpcio>=1.60" \
-		"grpcio-tools>=1.60" "openai>=1.0" "httpx>=0.27"
+		"grpcio-tools>=1.60" "openai>=1.0" "httpx>=0.27" "matplotlib>=3.8"
 	touch $@
 
 # The C++ core is rebuilt whenever its sources change; Python edits are live (editable).
@@ -35,6 +35,10 @@ test: fetch
 
 serve: fetch
 	$(VENV)/bin/lockstep serve
+
+# Every `lockstep bench` mode on this machine, results under bench/results/cpu (bench/cpu.sh).
+bench: fetch
+	bash bench/cpu.sh
 
 clean:
 	rm -rf build $(VENV)

@@ -39,8 +39,7 @@ from gguf.quants import dequantize, quantize
 
 from lockstep import _core
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cpu_e2e import cpu_name, run_stamp, save_result  # noqa: E402  (one definition for every bench)
+from lockstep.bench.report import cpu_name, run_stamp, save_json as save_result  # noqa: E402
 
 # (name, qtype, N, K) of the default model's linear layers; 30 of each layer per token.
 LAYERS = [("qkv", "Q4_1", 960, 576), ("o", "Q4_1", 576, 576), ("gate_up", "Q4_1", 3072, 576),

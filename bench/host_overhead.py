@@ -62,8 +62,7 @@ from lockstep.runtime.sampler import sample
 from lockstep.runtime.sampling_params import SamplingParams
 from lockstep.runtime.sequence import Sequence
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cpu_e2e import cpu_name, run_stamp, save_result  # noqa: E402  (one definition for every bench)
+from lockstep.bench.report import cpu_name, run_stamp, save_json as save_result  # noqa: E402
 
 TARGET_US = 50.0  # issue 5: host overhead per step for a batch of 64
 MODEL = "synthetic:tiny"

@@ -179,7 +179,7 @@ def main() -> int:
         "measured_over_predicted_step_time_median": ratio,
         "cost_table": engine.costs.source if engine.costs else "off",
     }
-    print(f"| stream | p50 ITL ms | p99 ITL ms | max ms | p99/p50 |\n|---|---|---|---|---|")
+    print("| stream | p50 ITL ms | p99 ITL ms | max ms | p99/p50 |\n|---|---|---|---|---|")
     for name, r in (("alone", alone), (f"beside {args.streams} batch streams", loaded)):
         print(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {r['p99_over_p50']:.2f} |")
     print(f"under-load p50 / alone p50: {result['under_load_p50_over_alone_p50']:.2f} (target <= 1.3); "

@@ -28,8 +28,7 @@ import numpy as np
 
 from lockstep._core import BlockAllocator, StepPlanner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cpu_e2e import cpu_name, run_stamp, save_result  # noqa: E402  (one definition for every bench)
+from lockstep.bench.report import cpu_name, run_stamp, save_json as save_result  # noqa: E402
 
 BLOCK_SIZE = 16
 

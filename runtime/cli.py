@@ -1,4 +1,4 @@
-"""The `lockstep` command line: generate, chat, serve, plan and fetch.
+"""The `lockstep` command line: generate, chat, serve, bench, plan and fetch.
 
 Every command works with no flags on the default model. Errors a user can act on are printed
 as one line and exit non-zero; no traceback reaches the terminal.
@@ -59,7 +59,7 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None, metavar="PATH",
                    help="a .gguf file, an HF model directory, or synthetic:llama-3.2-1b / synthetic:llama-3.1-8b "
@@ -125,12 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="a system message (chat template only)")
     gen.add_argument("--quiet", action="store_true", help="do not print timing figures to stderr")
     _add_sampling_args(gen)
-    _add_model_args(gen)
+    add_model_args(gen)
 
     chat = command("chat", "An interactive chat that keeps the conversation's history.")
     chat.add_argument("--system", default=None, help="a system message for the conversation")
     _add_sampling_args(chat)
-    _add_model_args(chat)
+    add_model_args(chat)
 
     serve = command("serve", "Serve the model over the OpenAI-compatible HTTP API, with /metrics.")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -145,18 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer 400 to request fields lockstep does not know (default: ignore them)")
     serve.add_argument("--log-requests", action="store_true",
                        help="log each request's prompt, parameters and output (default: never logged)")
-    _add_model_args(serve)
+    add_model_args(serve)
 
     plan = command("plan", "Print the static plan: memory regions, KV capacity and each step program's cost.")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    _add_model_args(plan)
+    add_model_args(plan)
+
+    from lockstep.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
 
     fetch = command("fetch", "Download and verify the default model into lockstep's cache.")
     fetch.add_argument("--quiet", action="store_true", help="print only the model's path")
     return parser
 
 
-def _engine(args: argparse.Namespace):
+def engine_from_args(args: argparse.Namespace):
     from .config import EngineConfig
     from .engine import Engine
     from .loader import load_model
@@ -182,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = _params(args)  # checked before the model loads: bad flags fail fast
     t_start = time.perf_counter()
-    engine, model = _engine(args)
+    engine, model = engine_from_args(args)
     if args.raw:
         ids = engine.tokenizer.encode(prompt)
     else:
@@ -212,7 +216,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     params = _params(args)
-    engine, model = _engine(args)
+    engine, model = engine_from_args(args)
     print(f"lockstep chat: {model.source.name} ({model.config.num_layers} layers), loaded in "
           f"{model.load_s:.1f} s. /reset clears the history, /exit quits.", file=sys.stderr)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -257,7 +261,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    engine, model = _engine(args)
+    engine, model = engine_from_args(args)
     name = args.served_model_name or model.source.name
     return serve(engine, name, host=args.host, port=args.port, api_key=args.api_key, max_waiting=args.max_waiting,
                  grpc_port=args.grpc_port, strict=args.strict_requests,
@@ -267,9 +271,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from .plan_report import plan_json, plan_text
 
-    engine, model = _engine(args)
+    engine, model = engine_from_args(args)
     print(json.dumps(plan_json(engine), indent=1) if args.json else plan_text(engine, model.source.name))
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lockstep.bench.cli import run
+
+    return run(args)
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -285,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="lockstep: %(message)s")
     handlers = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "plan": cmd_plan,
-                "fetch": cmd_fetch}
+                "fetch": cmd_fetch, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except LockstepError as exc:
