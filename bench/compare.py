@@ -93,15 +93,18 @@ def measure_startup(threads: int, repeats: int) -> dict:
 
 
 def run_lockstep(model, prompt_ids: list[int], new_tokens: int, repeats: int, threads: int,
-                 cpu_kernels: str) -> tuple[list[dict], int]:
-    """lockstep's engine on the loaded model; returns the runs and the weight bytes a step reads."""
+                 cpu_kernels: str) -> tuple[list[dict], dict]:
+    """lockstep's engine on the loaded model; returns the runs, the weight bytes a step reads and
+    the prefix-cache hits (0: every run prefilled its whole prompt)."""
     from lockstep.runtime.config import EngineConfig
     from lockstep.runtime.engine import Engine
     from lockstep.runtime.sampling_params import SamplingParams
 
     from .roofline import weight_bytes_read
 
-    engine = Engine(model, EngineConfig(threads=threads, cpu_kernels=cpu_kernels))
+    # No prefix cache: every run repeats the same prompt, and a cache hit would skip the prefill
+    # the peers all do (HF keeps no cache between calls; llama.cpp is reset before each run).
+    engine = Engine(model, EngineConfig(threads=threads, cpu_kernels=cpu_kernels, prefix_cache=False))
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     engine.generate([prompt_ids], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
     runs = []
@@ -109,7 +112,7 @@ def run_lockstep(model, prompt_ids: list[int], new_tokens: int, repeats: int, th
         seq = engine.add_request(prompt_ids, params)
         times = engine.run_until_done([seq])[seq.seq_id]
         runs.append(timing(seq.arrival_time, times))
-    return runs, weight_bytes_read(engine)
+    return runs, {"weight_bytes": weight_bytes_read(engine), "prefix_cache_hits": engine.kv.allocator.prefix_hits()}
 
 
 def run_hf(model_path: Path, prompt_ids: list[int], new_tokens: int, repeats: int,
@@ -223,8 +226,7 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(name)
         try:
             if kind in ("native", "torch"):
-                runs, weight_bytes = run_lockstep(model, prompt_ids, args.new_tokens, args.repeats, args.threads, kind)
-                info = {"weight_bytes": weight_bytes}
+                runs, info = run_lockstep(model, prompt_ids, args.new_tokens, args.repeats, args.threads, kind)
             elif kind == "hf":
                 runs, info = run_hf(model_path, prompt_ids, args.new_tokens, args.repeats, args.threads)
                 name = f"HF transformers {info['version']}"

@@ -105,6 +105,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"latency_class\": \"batch\"}'")
+    return value
+
+
 def _rate(text: str) -> float:
     if text.strip().lower() in ("inf", "infinity"):
         return math.inf
@@ -138,6 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--request-rate", type=_rate, nargs="+", default=None, metavar="R",
                       help="open loop: Poisson arrivals at R requests/s; inf sends all at once (default: none)")
     load.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0)")
+    load.add_argument("--extra-body", type=_json_object, default={}, metavar="JSON",
+                      help="fields added to every request body, e.g. '{\"latency_class\": \"batch\"}' for "
+                           "lockstep's throughput class (default: none)")
     load.add_argument("--seed", type=int, default=0, help="seeds the prompts and the arrival gaps (default: 0)")
 
     slo = parser.add_argument_group("goodput (requests/s that meet every SLO given)")
@@ -220,8 +233,9 @@ class Client:
     """Builds the request bodies for one endpoint and streams them, stamping every chunk."""
 
     def __init__(self, http, endpoint: str, model: str, output_tokens: int, temperature: float,
-                 timeout: float, seed: int) -> None:
+                 timeout: float, seed: int, extra_body: dict | None = None) -> None:
         self.http, self.endpoint, self.model = http, endpoint, model
+        self.extra_body = dict(extra_body or {})
         self.output_tokens, self.temperature, self.timeout, self.seed = output_tokens, temperature, timeout, seed
         self.path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
 
@@ -237,6 +251,7 @@ class Client:
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
+        body.update(self.extra_body)
         return body
 
     async def send(self, body: dict[str, Any]) -> RequestResult:
@@ -457,7 +472,8 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, di
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(args.timeout, connect=10.0),
                                  limits=limits, trust_env=False) as http:
         model = await _model(http, url, args.model)
-        client = Client(http, args.endpoint, model, args.output_tokens, args.temperature, args.timeout, args.seed)
+        client = Client(http, args.endpoint, model, args.output_tokens, args.temperature, args.timeout, args.seed,
+                        args.extra_body)
         await _warm_up(client, url)
         # Fresh prompts for every point (see the module docstring): point k sends prompts[k*n:(k+1)*n].
         n = args.num_prompts
@@ -467,7 +483,8 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, di
             "settings": {"num_prompts": n, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
                          "concurrency": concurrency, "request_rate": [_json_value(r) for r in rates],
                          "temperature": args.temperature, "seed": args.seed, "timeout_s": args.timeout,
-                         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
+                         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
+                         "extra_body": args.extra_body},
             "points": []}
         samples: dict[str, dict[str, list]] = {}
         for k, (kind, value) in enumerate(points):

@@ -3,7 +3,9 @@ set against the memory-bandwidth roofline measured in the same run (bench/roofli
 
 For each batch size B, B requests with different random prompts (`--prompt-tokens` token ids
 drawn from the vocabulary with a fixed seed, like vLLM's random dataset) are submitted at once,
-greedy, EOS ignored so each makes exactly `--new-tokens` tokens. From each token's arrival time:
+greedy, EOS ignored so each makes exactly `--new-tokens` tokens, all `latency_class="batch"`
+(throughput work: an interactive request's ITL target would hold prompt chunks back to keep its
+steps short). From each token's arrival time:
   * TTFT: submission to a request's first token (prefill in chunks, queueing included);
   * prefill tok/s: B × prompt tokens ÷ (submission → the last first token);
   * decode tok/s: tokens made after every request had its first token ÷ that window's length
@@ -52,7 +54,9 @@ def run_batch(engine, prompts: list[list[int]], new_tokens: int) -> dict:
     """Runs the prompts together once; returns the per-request timings of one run."""
     from lockstep.runtime.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    # An offline job is batch work (runtime/scheduler.py): full prefill chunks and every decode in
+    # each step, not the step-time limit an interactive stream's latency target would impose.
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, latency_class="batch")
     seqs = [engine.add_request(p, params) for p in prompts]
     submitted = min(s.arrival_time for s in seqs)
     times = engine.run_until_done(seqs)

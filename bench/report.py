@@ -30,10 +30,11 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """The commit of the lockstep checkout this code runs from ("unknown" for a wheel install)."""
+    """The commit of the lockstep checkout this code runs from, "-dirty" when it has uncommitted
+    changes (the figures then belong to no commit), "unknown" for a wheel install."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent, check=False)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() or "unknown"

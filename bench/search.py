@@ -187,8 +187,10 @@ def run(args: argparse.Namespace) -> int:
               "raise --max-num-seqs", file=sys.stderr)
         return 2
     try:
+        # Search branches are batch work (runtime/scheduler.py): every branch in each step, whole
+        # prompt chunks, no interactive step-time limit.
         params = SamplingParams(max_tokens=args.new_tokens, temperature=args.temperature, seed=args.seed,
-                                ignore_eos=True)
+                                ignore_eos=True, latency_class="batch")
     except Exception as exc:  # noqa: BLE001 - a bad flag value: one line, no traceback
         print(f"lockstep bench search: {exc}", file=sys.stderr)
         return 2

@@ -121,6 +121,7 @@ def test_compare_says_clearly_when_a_peer_is_missing(tmp_path, capsys, monkeypat
     assert set(results["skipped"]) == {"llama.cpp", "hf"} and results["ratios"] == {}
     ours = results["runtimes"]["lockstep"]
     assert ours["new_tokens"] == 4 and math.isfinite(ours["decode_tok_s"])
+    assert ours["prefix_cache_hits"] == 0, "each run prefills the whole prompt, as the peers do"
     assert "skipped" in (tmp_path / "compare.md").read_text()
     for name in ("compare_decode.png", "compare_roofline.png", "compare_itl_cdf.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
