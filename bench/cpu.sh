@@ -6,6 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/cpu}
 LOCKSTEP=${LOCKSTEP:-.venv/bin/lockstep}
+PYTHON=${PYTHON:-.venv/bin/python}
 THREADS=${THREADS:-2}
 mkdir -p "$OUT"
 status=0
@@ -19,7 +20,7 @@ $LOCKSTEP bench voice --threads "$THREADS" --out "$OUT" || status=1
 # The serve sweep runs against a real `lockstep serve` on a spare port.
 $LOCKSTEP serve --threads "$THREADS" --port 8011 --grpc-port 0 >"$OUT/serve-server.log" 2>&1 &
 server=$!
-for _ in $(seq 120); do curl -sf localhost:8011/health >/dev/null && break; sleep 0.5; done
+for _ in $(seq 120); do $PYTHON -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health')" 2>/dev/null && break; sleep 0.5; done
 $LOCKSTEP bench serve --url http://127.0.0.1:8011 --num-prompts 64 --concurrency 1 4 16 --request-rate 4 16 \
   --out "$OUT" || status=1
 kill -INT $server; wait $server

@@ -69,7 +69,11 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self.observers = list(observers)  # metrics, the request log: each hears every event
         self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        # Where the engine thread sends each live sequence's outputs (dropped at its finished one)...
         self._streams: dict[int, _Stream] = {}
+        # ...and the same streams until their reader claims them with outputs(): a short request
+        # can finish before its caller gets round to reading, and its outputs must wait for it.
+        self._unclaimed: dict[int, _Stream] = {}
         self._stop = threading.Event()
         # Held while a command is queued and while the stopping thread drains the queue, so no
         # command can slip in after the drain and wait forever for an answer.
@@ -123,7 +127,7 @@ class AsyncEngine:
             if self.engine.scheduler.num_waiting >= self.max_waiting:
                 raise OverloadedError(f"{self.max_waiting} requests are already waiting; retry later")
             seq = self.engine.add_request(prompt, params, generate=generate)
-            self._streams[seq.seq_id] = stream
+            self._streams[seq.seq_id] = self._unclaimed[seq.seq_id] = stream
             for observer in self.observers:
                 observer.on_added(seq, now)
             return seq
@@ -138,10 +142,11 @@ class AsyncEngine:
             raise
 
     async def outputs(self, seq_id: int) -> AsyncIterator[SeqOutput]:
-        """Yields a sequence's outputs, the finished one last. Leaving early cancels it."""
-        stream = self._streams.get(seq_id)
+        """Yields a sequence's outputs, the finished one last (once per sequence: the first call
+        claims its stream, even after the sequence has finished). Leaving early cancels it."""
+        stream = self._unclaimed.pop(seq_id, None)
         if stream is None:
-            raise KeyError(f"sequence {seq_id} has no stream (finished, or not opened here)")
+            raise KeyError(f"sequence {seq_id} has no stream to read (already read, or not opened here)")
         finished = False
         try:
             while not finished:
@@ -176,7 +181,7 @@ class AsyncEngine:
             parent = self.engine._live(seq_id)
             children = self.engine.fork(seq_id, n)
             for child, stream in zip(children, streams):
-                self._streams[child.seq_id] = stream
+                self._streams[child.seq_id] = self._unclaimed[child.seq_id] = stream
             now = time.perf_counter()
             for observer in self.observers:
                 observer.on_forked(parent, children, now)
@@ -201,6 +206,7 @@ class AsyncEngine:
     def _abandon(self, seq_id: int) -> None:
         """Nobody listens to this sequence any more (engine thread): cancel it, drop its stream."""
         self._streams.pop(seq_id, None)
+        self._unclaimed.pop(seq_id, None)
         self.engine.cancel(seq_id)
 
     # --- the engine thread ---------------------------------------------------------------------------

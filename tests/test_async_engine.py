@@ -122,3 +122,24 @@ def test_a_stopped_engine_refuses_at_once_instead_of_hanging(make_engine) -> Non
             with pytest.raises(EngineStoppedError, match="not running"):
                 await asyncio.wait_for(attempt, 5)
     asyncio.run(run())
+
+
+def test_a_request_that_finishes_before_it_is_read_still_streams(make_engine) -> None:
+    """A short request can end before its caller starts reading (a fast GPU, one token): its
+    outputs must wait for the reader. This hung an SSE stream forever (found by bench/gpu.sh's dry
+    run on a tiny model): the finished stream was dropped before outputs() looked it up."""
+    served = AsyncEngine(make_engine()).start()
+
+    async def run():
+        seq_id = await served.open(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        while await served.call(lambda: seq_id in served.engine.seqs):
+            await asyncio.sleep(0.01)  # until the engine has finished it, unread
+        outs = [o async for o in served.outputs(seq_id)]
+        with pytest.raises(KeyError, match="already read"):
+            [o async for o in served.outputs(seq_id)]
+        return outs
+    try:
+        outs = asyncio.run(run())
+    finally:
+        served.shutdown()
+    assert [o.token_id is not None for o in outs] == [True, True] and outs[-1].finished

@@ -74,3 +74,19 @@ def test_latency_benchmark_dry_run() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| alone |" in proc.stdout and "| beside 4 batch streams |" in proc.stdout, proc.stdout
     assert "same tokens alone and under load: True" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_script_bench_part_dry_run(tmp_path) -> None:
+    """bench/gpu.sh's second part (lockstep bench offline on each model and weights, then a serve
+    sweep against a real `lockstep serve`) runs its very commands on a tiny model on the CPU."""
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "LOCKSTEP": str(venv_bin / "lockstep"),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "bench"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for path in ("offline-tiny-dense/offline.json", "offline-tiny-dense/offline_tok_s.png", "serve-tiny/serve.json",
+                 "serve-tiny/serve_throughput.png"):
+        assert (tmp_path / path).is_file(), path
+    assert "== summary ==" in proc.stdout and "| concurrency | 1 |" in proc.stdout
