@@ -22,10 +22,22 @@ SMALL_TENSORS = ("attn_norm", "ffn_norm", "final_norm", "bqkv", "rope_freqs")
 
 def measure_bandwidth(device: str | torch.device = "cpu", threads: int | None = None, mib: int = 512,
                       repeats: int = 5) -> float:
-    """GB/s of a large float32 copy on `device`, counting bytes read plus bytes written."""
+    """GB/s of a large float32 copy on `device`, counting bytes read plus bytes written.
+
+    torch's thread count is restored afterwards: an engine on lockstep's native CPU kernels keeps
+    torch at one thread, because torch's OpenMP workers spin after each parallel region and take
+    the cores its own pool needs (left at 2 here, a 5 ms decode step became 10 ms)."""
     device = torch.device(device)
-    if device.type == "cpu" and threads:
-        torch.set_num_threads(threads)
+    before = torch.get_num_threads()
+    try:
+        if device.type == "cpu" and threads:
+            torch.set_num_threads(threads)
+        return _copy_bandwidth(device, mib, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _copy_bandwidth(device: torch.device, mib: int, repeats: int) -> float:
     src = torch.randn(mib << 18, device=device)  # mib MiB of float32
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up: touches every page

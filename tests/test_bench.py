@@ -125,3 +125,17 @@ def test_compare_says_clearly_when_a_peer_is_missing(tmp_path, capsys, monkeypat
     assert "skipped" in (tmp_path / "compare.md").read_text()
     for name in ("compare_decode.png", "compare_roofline.png", "compare_itl_cdf.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
+
+
+def test_measuring_bandwidth_leaves_torch_threads_as_they_were() -> None:
+    """A native-kernel engine keeps torch at one thread; the bandwidth probe set two and left it
+    there, which doubled the offline mode's decode step (found in `make bench`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert roofline.measure_bandwidth("cpu", threads=2, mib=8, repeats=2) > 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
