@@ -50,7 +50,8 @@ def rate_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], ti
         ax.plot(xs, ys, marker="o", label=label)
     if log_x:
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 1, 2, 4 rather than 2^0, 2^1
+        # 1, 2, 4 rather than 2^0, 2^1 (or 1.0, 2.0)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -62,7 +63,7 @@ def rate_plot(path: Path, series: dict[str, tuple[list[float], list[float]]], ti
 def bars(path: Path, values: dict[str, float], title: str, xlabel: str, fmt: str = "%.0f",
          xlim: float | None = None) -> Path:
     """One horizontal bar per label (a runtime, a batch size), its value printed beside it."""
-    fig, ax = plt.subplots(figsize=(6.4, 0.6 * len(values) + 1.6))
+    fig, ax = plt.subplots(figsize=(7.2, 0.6 * len(values) + 1.6))
     labels = list(values)
     drawn = ax.barh(labels, [values[k] for k in labels], color="#4a7fb5")
     ax.bar_label(drawn, fmt=fmt, padding=3, fontsize=8)
@@ -75,5 +76,5 @@ def bars(path: Path, values: dict[str, float], title: str, xlabel: str, fmt: str
 
 def roofline_bars(path: Path, percents: dict[str, float], title: str) -> Path:
     """Decode as a % of the memory-bandwidth limit, one bar per runtime or batch size."""
-    return bars(path, percents, title, "% of the bandwidth roofline (bytes read per token ÷ measured bandwidth)",
+    return bars(path, percents, title, "% of the roofline: bytes read per token ÷ measured bandwidth",
                 fmt="%.0f%%", xlim=100.0)
