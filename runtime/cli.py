@@ -32,6 +32,7 @@ Ctrl-C stops the reply being written.
     "serve": """examples:
   lockstep serve                                  # OpenAI-compatible HTTP on 127.0.0.1:8000
   lockstep serve --port 9000 --api-key s3cret     # or LOCKSTEP_API_KEY=s3cret
+  lockstep serve --strict-requests --log-requests # 400 for unknown fields; log prompts and outputs
   curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}'
 """,
