@@ -63,6 +63,7 @@ from lockstep.runtime.sampling_params import SamplingParams
 from lockstep.runtime.sequence import Sequence
 
 from lockstep.bench.report import cpu_name, run_stamp, save_json as save_result  # noqa: E402
+from lockstep.bench.stats import percentile  # noqa: E402
 
 TARGET_US = 50.0  # issue 5: host overhead per step for a batch of 64
 MODEL = "synthetic:tiny"
@@ -104,10 +105,6 @@ class TimedPlanner:
 
     def __init__(self, planner, timer: StepTimer) -> None:
         self.plan = timer.wrap("planner", planner.plan)
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q))
 
 
 def build_engine() -> Engine:

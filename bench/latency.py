@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lockstep.bench.report import git_commit
+from lockstep.bench.stats import summary
 from lockstep.runtime.config import EngineConfig
 from lockstep.runtime.engine import Engine
 from lockstep.runtime.loader import load_model
@@ -41,10 +42,9 @@ PROMPT = ("You are a voice assistant on a phone call. The caller asks: can you e
 
 
 def percentiles(gaps_s: list[float]) -> dict:
-    ms = np.asarray(gaps_s) * 1e3
-    p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
-    return {"n": len(ms), "p50_ms": p50, "p99_ms": p99, "max_ms": float(ms.max()), "mean_ms": float(ms.mean()),
-            "p99_over_p50": p99 / p50}
+    s = summary(gaps_s)
+    return {"n": s["n"], "p50_ms": s["p50"], "p99_ms": s["p99"], "max_ms": s["max"], "mean_ms": s["mean"],
+            "p99_over_p50": s["p99"] / s["p50"]}
 
 
 class StepLog:
@@ -109,14 +109,6 @@ class BatchLoad:
     def all_decoding(self) -> bool:
         return all(self.engine.seqs[i].num_uncomputed <= 1 and self.engine.seqs[i].handle is not None
                    for i in self.live if i in self.engine.seqs)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main() -> int:

@@ -49,11 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
-    """Token ids drawn uniformly with a fixed seed, above the low ids where special tokens live."""
-    import numpy as np
+    """One random prompt, drawn as the offline mode draws its prompts."""
+    from .offline import random_prompts
 
-    low = 1000 if vocab_size > 2000 else 1
-    return np.random.default_rng(seed).integers(low, vocab_size, size=length).tolist()
+    return random_prompts(vocab_size, 1, length, seed)[0]
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -170,14 +170,18 @@ class AsyncEngine:
         """Forks a live sequence n times (KV shared by refcount) and gives each fork a stream, in
         one engine-thread call so no output slips between; with commit, the parent and the forks
         then all start generating, each sampling on its own branch."""
-        return [child for child, _ in await self.fork_with_tokens(seq_id, n, commit)]
+        return await self.call(self._forker(seq_id, n, commit, with_tokens=False))
 
     async def fork_with_tokens(self, seq_id: int, n: int = 1, commit: bool = False) -> list[tuple[Sequence, list[int]]]:
         """fork(), each fork with a copy of its token ids at the fork: the tokens its stream will
         never show (a caller's view of a generating parent lags behind the engine's)."""
+        return await self.call(self._forker(seq_id, n, commit, with_tokens=True))
+
+    def _forker(self, seq_id: int, n: int, commit: bool, with_tokens: bool) -> Callable[[], list]:
+        """The engine-thread half of fork(); the streams are made here, on the caller's loop."""
         streams = [_Stream(asyncio.get_running_loop(), asyncio.Queue()) for _ in range(n)]
 
-        def fork() -> list[tuple[Sequence, list[int]]]:
+        def fork() -> list:
             parent = self.engine._live(seq_id)
             children = self.engine.fork(seq_id, n)
             for child, stream in zip(children, streams):
@@ -188,8 +192,8 @@ class AsyncEngine:
             if commit:
                 for seq in [parent, *children]:
                     self.engine.commit(seq.seq_id)
-            return [(child, list(child.token_ids)) for child in children]
-        return await self.call(fork)
+            return [(child, list(child.token_ids)) for child in children] if with_tokens else children
+        return fork
 
     async def fork_and_commit(self, seq_id: int, n: int) -> list[Sequence]:
         """Once seq's prompt is computed (it was opened with generate=False), fork(commit=True):
