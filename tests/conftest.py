@@ -8,9 +8,10 @@ from pathlib import Path
 if os.environ.get("LOCKSTEP_TRITON_ON_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, stated: no warning on every import
-# The suite runs gRPC servers in-process and spawns subprocesses afterwards: gRPC's fork handlers
-# then race its own threads and crashed the suite now and then (see runtime/__init__.py). Set
-# here too because a test module may import grpc before anything of lockstep.
+# The suite runs gRPC servers in-process and spawns subprocesses afterwards, the case gRPC's
+# fork handlers are known to mishandle (see runtime/__init__.py). Set here too because a test
+# module may import grpc before anything of lockstep. (The suite's occasional segfault on a
+# native thread, first blamed on this, was the CPU thread pool's race: tests/test_thread_pool.py.)
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import pytest

@@ -24,14 +24,23 @@ namespace lockstep::cpu {
 
 // How a job is shared out. `ticket` packs the job's generation (high bits) with the number
 // of chunks claimed so far (low kChunkBits). A thread claims chunk c by moving the ticket
-// from (g, c) to (g, c + 1) with a compare-exchange; success proves job g is still the
-// current one, so the fn and chunk count it read after seeing g belong to job g and stay
-// valid until its chunk is done (the caller returns only when every chunk is done). A
-// worker that wakes after the job is over sees every chunk claimed, or a newer generation,
-// and touches nothing of the old job.
+// from (g, c) to (g, c + 1) with a compare-exchange, after reading fn and chunks.
+//
+// Success must prove that the fn and chunk count it read belong to job g. The caller of
+// the next job therefore first closes generation g (the ticket moves to g + 1 with every
+// chunk claimed, kClosed) and only then writes the new fn and chunks, with release, then
+// opens generation g + 2. A worker whose acquire load saw the new fn or chunks also sees
+// the close, so its compare-exchange against (g, c) fails. Without the close, a worker
+// holding (g, chunks of g) could read the next job's larger chunk count, claim a chunk
+// before the job was published, run it early (and again when it was claimed properly) and
+// count it done, so the caller returned while a worker still ran its fn: a crash on a
+// worker thread, seen once in a few full test runs.
 struct PoolState {
   static constexpr int kChunkBits = 24;
   static constexpr std::uint64_t kChunkMask = (std::uint64_t{1} << kChunkBits) - 1;
+  // A closed generation's claim count: more than any job's chunks (kMaxChunks).
+  static constexpr std::uint64_t kClosed = kChunkMask;
+  static_assert(ThreadPool::kMaxChunks < kClosed, "a closed generation must look fully claimed");
 
   explicit PoolState(int n) : num_threads(n) {}
 
@@ -72,8 +81,8 @@ void work_on(PoolState& s, std::uint64_t generation) {
   std::uint64_t t = s.ticket.load(std::memory_order_acquire);
   for (;;) {
     if (generation_of(t) != generation) return;
-    const auto* fn = s.fn.load(std::memory_order_relaxed);
-    const int chunks = s.chunks.load(std::memory_order_relaxed);
+    const auto* fn = s.fn.load(std::memory_order_acquire);
+    const int chunks = s.chunks.load(std::memory_order_acquire);
     const auto chunk = static_cast<int>(t & PoolState::kChunkMask);
     if (chunk >= chunks) return;
     if (!s.ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel,
@@ -206,11 +215,16 @@ void ThreadPool::run(int chunks, const std::function<void(int)>& fn, bool wake) 
   }
   if (static_cast<int>(s.workers.size()) != s.num_threads - 1) start_workers(s);
 
-  s.fn.store(&fn, std::memory_order_relaxed);
-  s.chunks.store(chunks, std::memory_order_relaxed);
+  // Close the last job's generation before touching fn and chunks (see PoolState). Workers
+  // that see the closed generation find nothing to claim and wait for the next one.
+  const std::uint64_t closed = generation_of(s.ticket.load(std::memory_order_relaxed)) + 1;
+  s.ticket.store((closed << PoolState::kChunkBits) | PoolState::kClosed,
+                 std::memory_order_seq_cst);
+  s.fn.store(&fn, std::memory_order_release);
+  s.chunks.store(chunks, std::memory_order_release);
   s.done.store(0, std::memory_order_relaxed);
   s.error = nullptr;
-  const std::uint64_t generation = generation_of(s.ticket.load(std::memory_order_relaxed)) + 1;
+  const std::uint64_t generation = closed + 1;
   if (wake) {
     {
       std::lock_guard<std::mutex> lock(s.mu);
