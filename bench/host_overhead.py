@@ -8,7 +8,7 @@ so what is left is host work only:
   schedule   Scheduler.schedule(): which sequences run, in which step program
   inputs     Engine._run_step building the planner's arrays (handles, starts, counts, tokens)
   plan       ProgramRunner.plan: the C++ planner (also shown alone) + logit rows + input views
-  sample     runtime.sampler.sample over the B rows (the CPU sampler; greedy here)
+  sample     runtime.sampler.sample over the B rows (the C++ CPU sampler; greedy here)
   detok      IncrementalDetokenizer.push for each new token
   other      the rest of Engine.step: cancels, row lists, the logits gather, token bookkeeping,
              stop checks, outputs
@@ -20,21 +20,22 @@ grows with context: step_planner.json has 64 sequences at 4096 tokens). A second
 `sample` alone, greedy and sampled (temperature 0.8, top_p 0.9), at the tiny vocabulary and at
 the default model's (49152), since the CPU sampler's cost grows with both batch and vocabulary.
 
-What it measured (bench/results/host_overhead.json: AMD EPYC, one thread, 200 steps per batch):
+What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 200 steps per batch):
 - the C++ step planner takes 3 us of a decode step of 64, well inside the 50 us target;
-  ProgramRunner.plan around it takes 17 us, most of it (~12 us) slicing the seven workspace
-  tensors into the step's input views;
-- the whole host step of 64 takes 1.04 ms, about 21x the target: NOT inside it. No one part
-  dominates; three share it. The CPU sampler's per-row Python loop (argmax and a logprob read
-  per row) 0.33 ms, the detokenizer 0.31 ms (~5 us a token), and the rest of Engine.step 0.27 ms
-  (per-token bookkeeping, stop checks, outputs); then the scheduler, 0.09 ms on its own;
-- per sequence the host spends ~16 us a step at batch 16 and 64, 44 us at batch 1;
-- sampling with temperature 0.8 / top_p 0.9 costs 50-150 us a row at the tiny vocabulary and
-  ~4.1 ms a row at the default model's (a full sort per row): 0.28 s for a batch of 64.
+  ProgramRunner.plan around it takes 17 us, most of it slicing the seven workspace tensors into
+  the step's input views;
+- the whole host step of 64 takes 0.81 ms, about 16x the target: NOT inside it. No one part
+  dominates: the detokenizer 0.33 ms (~5 us a token), the rest of Engine.step 0.27 ms
+  (per-token bookkeeping, stop checks, outputs), the sampler 0.10 ms (greedy, tiny vocabulary:
+  mostly the batch's log_softmax and the Python glue), the scheduler 0.09 ms;
+- per sequence the host spends ~13 us a step at batch 16 and 64, ~50 us at batch 1;
+- sampling with temperature 0.8 / top_p 0.9 at the default model's vocabulary (49152, random
+  logits) costs 0.40 ms for one row and 0.20 ms a row at batch 16 and 64 (the C++ sampler's rows
+  share the two cores); the sort-based sampler before it took 4.1 ms a row (0.28 s for 64).
 The machine is shared: back-to-back runs gave 1.0 to 1.6 ms at batch 64, every part slower
 by the same factor in the slow ones; the committed run is a quiet one.
-On CUDA the engine samples with kernels/sampling.py (sample_with_kernel) instead of the CPU
-loop, and its host cost (small tensors to the device, one launch, a sync) is not measured here;
+On CUDA the engine samples with kernels/sampling.py (sample_with_kernel) instead of the C++
+sampler, and its host cost (small tensors to the device, one launch, a sync) is not measured here;
 the scheduler, detokenizer and bookkeeping above are the same there.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/host_overhead.py            # ~15 s

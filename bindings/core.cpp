@@ -16,6 +16,7 @@
 #include "block_allocator.h"
 #include "cpu/cpu_ops.h"
 #include "cpu/quant_matmul.h"
+#include "cpu/sampling.h"
 #include "cpu/thread_pool.h"
 #include "step_planner.h"
 
@@ -274,6 +275,47 @@ void paged_attention(const py::object& q_obj, const py::object& k_cache_obj,
   lockstep::cpu::paged_attention(qh, kp, vp, num_slots, kv_heads, batch, scale, op);
 }
 
+// ---- CPU sampler (cpp/cpu/sampling.h) ----
+
+void sample_tokens(const py::object& logits_obj, const py::object& temperature_obj,
+                   const py::object& top_k_obj, const py::object& top_p_obj,
+                   const py::object& min_p_obj, const py::object& seeds_obj,
+                   const py::object& positions_obj, const py::object& branches_obj,
+                   const py::object& tokens_out_obj) {
+  const auto f32 = py::dtype::of<float>();
+  const auto i64 = py::dtype::of<std::int64_t>();
+  const py::array logits = array_arg("logits", logits_obj, f32, "float32", 2, true);
+  const py::ssize_t R = logits.shape(0);
+  const auto column = [R](const char* name, const py::object& obj, const py::dtype& dtype,
+                          const char* dtype_name) {
+    py::array a = array_arg(name, obj, dtype, dtype_name, 1);
+    expect_shape(name, a, {R}, "(rows of logits,)");
+    return a;
+  };
+  const py::array temperature = column("temperature", temperature_obj, f32, "float32");
+  const py::array top_k = column("top_k", top_k_obj, i64, "int64");
+  const py::array top_p = column("top_p", top_p_obj, f32, "float32");
+  const py::array min_p = column("min_p", min_p_obj, f32, "float32");
+  const py::array seeds = column("seeds", seeds_obj, py::dtype::of<std::uint64_t>(), "uint64");
+  const py::array positions = column("positions", positions_obj, i64, "int64");
+  const py::array branches = column("branches", branches_obj, i64, "int64");
+  py::array tokens_out = column("tokens_out", tokens_out_obj, i64, "int64");
+  expect_writeable("tokens_out", tokens_out);
+  expect_apart("tokens_out", tokens_out, "logits", logits);
+  const lockstep::cpu::SamplingBatch batch{
+      static_cast<const float*>(logits.data()), R, logits.shape(1),
+      R > 1 ? logits.strides(0) / logits.itemsize() : logits.shape(1),
+      static_cast<const float*>(temperature.data()),
+      static_cast<const std::int64_t*>(top_k.data()),
+      static_cast<const float*>(top_p.data()), static_cast<const float*>(min_p.data()),
+      static_cast<const std::uint64_t*>(seeds.data()),
+      static_cast<const std::int64_t*>(positions.data()),
+      static_cast<const std::int64_t*>(branches.data())};
+  auto* out = static_cast<std::int64_t*>(tokens_out.mutable_data());
+  py::gil_scoped_release release;
+  lockstep::cpu::sample_tokens(batch, out);
+}
+
 // ---- Block allocator: the prefix cache's token arrays ----
 
 std::pair<BlockAllocator::Handle, std::int64_t> new_sequence_cached(BlockAllocator& a,
@@ -481,6 +523,21 @@ arguments raise ValueError naming the argument.
     return d;
   }, "{'avx2', 'fma', 'f16c', 'avx512' (F, BW and VL): bool, 'auto_isa': the isa that isa='auto' runs}.");
 
+  m.def("sample_tokens", &sample_tokens, py::arg("logits"), py::arg("temperature"),
+        py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("seeds"),
+        py::arg("positions"), py::arg("branches"), py::arg("tokens_out"), R"doc(
+One token per row of logits, written into tokens_out: the rule of runtime.sampler.sample_row
+(greedy where temperature <= 0; else temperature, top-k, top-p, min-p and an inverse-CDF pick
+with uniform(seed, position, branch)) without sorting the vocabulary (cpp/cpu/sampling.h).
+
+logits: float32 [R, V], rows C-contiguous, any row stride; temperature, top_p, min_p: float32
+[R]; top_k, positions, branches: int64 [R]; seeds: uint64 [R]; tokens_out: int64 [R]. Each
+row is computed by one thread from its own data, so a token does not depend on the batch.
+Runs without the GIL; malformed arguments raise ValueError naming the argument.
+)doc");
+  m.def("philox_uniform", &lockstep::cpu::philox_uniform, py::arg("seed"), py::arg("position"),
+        py::arg("branch"),
+        "runtime.sampler.uniform(seed, position, branch) as the C++ sampler draws it.");
   // ---- CPU step ops ----
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
         R"doc(

@@ -1,0 +1,276 @@
+#include "sampling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "thread_pool.h"
+
+namespace lockstep::cpu {
+
+namespace {
+
+constexpr std::uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+constexpr std::uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+
+// exp(x) for x <= 0 in plain arithmetic that the compiler vectorizes (std::exp is a libm call
+// per element, ~12 ns: most of a sampled row's time at 49152 tokens). x = n ln2 + r with
+// |r| <= ln2 / 2; exp(r) by its Taylor series to r^7, whose truncation (< 1e-8 relative) is
+// below float rounding; then scaled by 2^n through the exponent bits. Below -87 (where
+// exp leaves float's normal range) it gives 0, as does -inf. Within 2 ulp of std::exp.
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  // Round to nearest by the 1.5 * 2^23 trick: exact for |t| < 2^22, and no libm call.
+  constexpr float kRound = 12582912.0f;
+  const float n = (clamped * 1.44269504f + kRound) - kRound;
+  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 hi + lo
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const float result = p * scale;  // computed either way, so the select below needs no branch
+  return x < -87.0f ? 0.0f : result;
+}
+
+// A token in the order every filter cuts (x descending, ties by id), packed so that order is
+// one integer comparison: key = (x's bits mapped to descending unsigned order) << 32 | id,
+// smaller key first. Its unnormalized probability e rides along, so a partition pass reads
+// one array front to back instead of gathering x and e by id.
+struct Token {
+  std::uint64_t key;
+  float e;
+  std::int32_t id() const { return static_cast<std::int32_t>(key & 0xFFFFFFFFu); }
+};
+
+inline std::uint64_t order_key(float x, std::int32_t id) {
+  x += 0.0f;  // -0 becomes +0: they are equal, so only the id may order them
+  std::uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  // Ascending unsigned order of floats: flip all bits of negatives, the sign bit of the rest.
+  const std::uint32_t ascending = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return (std::uint64_t{~ascending} << 32) | static_cast<std::uint32_t>(id);
+}
+
+inline bool key_before(const Token& a, const Token& b) { return a.key < b.key; }
+
+// The sum of e over tokens[0, n) in double, in eight interleaved partial sums (then pairwise):
+// a single running sum is a chain of dependent adds, 4 cycles each, and was most of a row's
+// time. The order is fixed by n, so the sum is too.
+double mass_of(const Token* tokens, std::int64_t n) {
+  double part[8] = {};
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += tokens[i + j].e;
+  }
+  for (int j = 0; i < n; ++i, ++j) part[j] += tokens[i].e;
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// Quickselect by mass (first_prefix_reaching) and by count (keep_first) share these rounds.
+constexpr std::int64_t kSortBelow = 32;  // >= 3: a median of three then leaves both sides non-empty
+constexpr int kMostRounds = 128;  // then sort what is left (adversarial pivots), as introselect
+
+std::uint64_t median_of_three(const Token* tokens, std::int64_t lo, std::int64_t hi) {
+  const std::uint64_t a = tokens[lo].key, b = tokens[lo + (hi - lo) / 2].key, c = tokens[hi - 1].key;
+  return std::max(std::min(a, b), std::min(std::max(a, b), c));
+}
+
+// Moves the tokens of [lo, hi) with key <= pivot to the front (in no order); returns how many.
+// Each token goes to the left or right end of `spare` without a branch: the comparison is a
+// coin flip for the branch predictor, which std::partition pays for on every token.
+std::int64_t partition_at(Token* tokens, std::int64_t lo, std::int64_t hi, std::uint64_t pivot,
+                          Token* spare) {
+  std::int64_t left = 0, right = hi - lo - 1;
+  for (std::int64_t i = lo; i < hi; ++i) {
+    const Token t = tokens[i];
+    const bool is_left = t.key <= pivot;
+    spare[left] = t;
+    spare[right] = t;
+    left += is_left;
+    right -= !is_left;
+  }
+  std::copy(spare, spare + (hi - lo), tokens + lo);
+  return left;
+}
+
+// Rearranges tokens so that tokens[0, k) are the first k of the order (in no order), 0 < k < size.
+void keep_first(std::vector<Token>& tokens, std::int64_t k, Token* spare) {
+  std::int64_t lo = 0, hi = static_cast<std::int64_t>(tokens.size());  // the k-th token is in [lo, hi)
+  for (int rounds = 0; hi - lo >= kSortBelow && rounds < kMostRounds; ++rounds) {
+    const std::int64_t split = lo + partition_at(tokens.data(), lo, hi, median_of_three(tokens.data(), lo, hi), spare);
+    if (split == k) return;
+    (split > k ? hi : lo) = split;
+  }
+  std::sort(tokens.begin() + lo, tokens.begin() + hi, key_before);
+}
+
+// Where a prefix of the order first reaches a mass: `length` tokens, the last of them `last`.
+struct Reach {
+  std::int64_t length;
+  std::int32_t last;
+};
+
+// The shortest prefix of the order over tokens[0, n) whose mass (sum of e) reaches
+// `threshold` (> it if `strict`, else >= it), found by a quickselect that weighs instead of
+// counting: partition around a pivot, and go on into the side where the running mass
+// crosses. Expected O(n); only the last few dozen tokens are sorted. It leaves
+// tokens[0, length) holding that prefix, in no order. If no prefix reaches (the whole mass
+// falls short by rounding), length is n and last the order's last token. Masses are summed
+// in double, in an order fixed by the row's contents.
+Reach first_prefix_reaching(Token* tokens, std::int64_t n, Token* spare, double threshold,
+                            bool strict) {
+  const auto reaches = [&](double mass) { return strict ? mass > threshold : mass >= threshold; };
+  std::int64_t lo = 0, hi = n;  // the answer's last token is in tokens[lo, hi)
+  double before_lo = 0.0;       // the mass of tokens[0, lo), all of it earlier in the order
+  for (int rounds = 0; hi - lo >= kSortBelow && rounds < kMostRounds; ++rounds) {
+    const std::int64_t left = partition_at(tokens, lo, hi, median_of_three(tokens, lo, hi), spare);
+    const double mass = before_lo + mass_of(tokens + lo, left);
+    if (reaches(mass)) {
+      hi = lo + left;
+    } else {
+      before_lo = mass;
+      lo += left;
+    }
+  }
+  std::sort(tokens + lo, tokens + hi, key_before);
+  double mass = before_lo;
+  for (std::int64_t j = lo; j < hi; ++j) {
+    mass += tokens[j].e;
+    if (reaches(mass)) return {j + 1, tokens[j].id()};
+  }
+  return {n, std::max_element(tokens, tokens + n, key_before)->id()};
+}
+
+// Reused across rows and calls: a row's scratch is vocabulary-sized arrays.
+struct Scratch {
+  std::vector<float> x, e;
+  std::vector<Token> tokens, spare;
+};
+
+std::int64_t greedy_row(const float* logits, std::int64_t V) {
+  std::int64_t best = 0;
+  float best_value = -std::numeric_limits<float>::infinity();
+  bool found = false;
+  for (std::int64_t i = 0; i < V; ++i) {
+    const float v = logits[i];
+    if (!std::isnan(v) && (!found || v > best_value)) {
+      best = i, best_value = v, found = true;
+    }
+  }
+  return best;
+}
+
+std::int64_t sample_row(const float* logits, std::int64_t V, float temperature, std::int64_t top_k,
+                        float top_p, float min_p, double u, Scratch& s) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  s.x.resize(V);
+  s.e.resize(V);
+  float* x = s.x.data();
+  float* e = s.e.data();
+  for (std::int64_t i = 0; i < V; ++i) {
+    const float v = logits[i] / temperature;
+    x[i] = std::isnan(v) ? kNegInf : v;
+  }
+  float lane_max[8];  // eight running maxima: the compiler may not reorder one float max chain
+  std::fill(lane_max, lane_max + 8, kNegInf);
+  std::int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    for (int j = 0; j < 8; ++j) lane_max[j] = std::max(lane_max[j], x[i + j]);
+  }
+  for (; i < V; ++i) lane_max[0] = std::max(lane_max[0], x[i]);
+  const float max_x = *std::max_element(lane_max, lane_max + 8);
+  if (max_x == kNegInf) return 0;  // nothing can be chosen: the first token of the order
+  if (max_x == -kNegInf) {
+    for (std::int64_t i = 0; i < V; ++i) e[i] = x[i] == max_x ? 1.0f : 0.0f;  // +inf - +inf is NaN
+  } else {
+    for (std::int64_t i = 0; i < V; ++i) e[i] = exp_nonpositive(x[i] - max_x);
+  }
+
+  std::vector<Token>& tokens = s.tokens;
+  tokens.resize(V);
+  for (std::int64_t i = 0; i < V; ++i) {
+    tokens[i] = {order_key(x[i], static_cast<std::int32_t>(i)), e[i]};
+  }
+  s.spare.resize(V);
+  if (top_k > 0 && top_k < V) {
+    keep_first(tokens, top_k, s.spare.data());
+    tokens.resize(top_k);
+  }
+  const double z = mass_of(tokens.data(), static_cast<std::int64_t>(tokens.size()));  // top-p's denominator
+  if (min_p > 0.0f) {
+    // e = p / max p; the max token has e = 1 >= min_p, so it stays.
+    tokens.erase(std::remove_if(tokens.begin(), tokens.end(), [&](const Token& t) { return t.e < min_p; }),
+                 tokens.end());
+  }
+  double kept_mass = mass_of(tokens.data(), static_cast<std::int64_t>(tokens.size()));
+
+  std::int64_t kept = static_cast<std::int64_t>(tokens.size());
+  if (top_p < 1.0f) {
+    // A token stays while the mass before it is < top_p * z: the kept prefix is the shortest
+    // whose mass reaches it (>=), and the first token stays in any case.
+    const Reach cut = first_prefix_reaching(tokens.data(), kept, s.spare.data(),
+                                            static_cast<double>(top_p) * z, /*strict=*/false);
+    if (cut.length < kept) {
+      kept = cut.length;
+      kept_mass = mass_of(tokens.data(), kept);
+    }
+  }
+  // The first kept token whose inclusive mass exceeds u * (kept mass).
+  return first_prefix_reaching(tokens.data(), kept, s.spare.data(), u * kept_mass, /*strict=*/true).last;
+}
+
+}  // namespace
+
+std::array<std::uint32_t, 4> philox4x32_10(std::array<std::uint32_t, 4> c,
+                                           std::array<std::uint32_t, 2> k) {
+  for (int round = 0; round < 10; ++round) {
+    const std::uint64_t p0 = std::uint64_t{kM0} * c[0];
+    const std::uint64_t p1 = std::uint64_t{kM1} * c[2];
+    c = {static_cast<std::uint32_t>(p1 >> 32) ^ c[1] ^ k[0], static_cast<std::uint32_t>(p1),
+         static_cast<std::uint32_t>(p0 >> 32) ^ c[3] ^ k[1], static_cast<std::uint32_t>(p0)};
+    k = {k[0] + kW0, k[1] + kW1};
+  }
+  return c;
+}
+
+double philox_uniform(std::uint64_t seed, std::int64_t position, std::int64_t branch) {
+  const auto r = philox4x32_10(
+      {static_cast<std::uint32_t>(position), static_cast<std::uint32_t>(branch), 0u, 0u},
+      {static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)});
+  return static_cast<double>(r[0] >> 8) * (1.0 / (1 << 24));
+}
+
+void sample_tokens(const SamplingBatch& b, std::int64_t* tokens_out) {
+  if (b.vocab < 1 || b.vocab > std::numeric_limits<std::int32_t>::max()) {
+    throw std::invalid_argument("logits: the vocabulary must have 1 to 2^31 - 1 tokens, got " +
+                                std::to_string(b.vocab));
+  }
+  // Greedy rows are a scan; sampled ones an exp per token and a partial sort: worth waking
+  // sleeping workers once there is a vocabulary's worth of exps to share.
+  bool any_sampled = false;
+  for (std::int64_t r = 0; r < b.rows; ++r) any_sampled = any_sampled || b.temperature[r] > 0.0f;
+  const bool wake = b.rows > 1 && (any_sampled || b.rows * b.vocab >= (1 << 20));
+  ThreadPool::instance().run(static_cast<int>(b.rows), [&](int r) {
+    const float* row = b.logits + r * b.row_stride;
+    if (!(b.temperature[r] > 0.0f)) {
+      tokens_out[r] = greedy_row(row, b.vocab);
+      return;
+    }
+    thread_local Scratch scratch;
+    const double u = philox_uniform(b.seeds[r], b.positions[r], b.branches[r]);
+    tokens_out[r] = sample_row(row, b.vocab, b.temperature[r], b.top_k[r], b.top_p[r], b.min_p[r],
+                               u, scratch);
+  }, wake);
+}
+
+}  // namespace lockstep::cpu
