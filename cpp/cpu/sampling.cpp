@@ -183,11 +183,11 @@ std::int64_t sample_row(const float* logits, std::int64_t V, float temperature, 
   }
   float lane_max[8];  // eight running maxima: the compiler may not reorder one float max chain
   std::fill(lane_max, lane_max + 8, kNegInf);
-  std::int64_t i = 0;
-  for (; i + 8 <= V; i += 8) {
-    for (int j = 0; j < 8; ++j) lane_max[j] = std::max(lane_max[j], x[i + j]);
+  std::int64_t tail = 0;
+  for (; tail + 8 <= V; tail += 8) {
+    for (int j = 0; j < 8; ++j) lane_max[j] = std::max(lane_max[j], x[tail + j]);
   }
-  for (; i < V; ++i) lane_max[0] = std::max(lane_max[0], x[i]);
+  for (; tail < V; ++tail) lane_max[0] = std::max(lane_max[0], x[tail]);
   const float max_x = *std::max_element(lane_max, lane_max + 8);
   if (max_x == kNegInf) return 0;  // nothing can be chosen: the first token of the order
   if (max_x == -kNegInf) {
