@@ -392,7 +392,7 @@ class Engine:
             seqs = [s for s, _ in to_sample]
             rows = logits[torch.tensor([i for _, i in to_sample], device=logits.device)]
             choose = sample_with_kernel if self.backend == "triton" else sample
-            rows = rows if self.backend == "triton" else rows.cpu()  # the CPU sampler loops over rows
+            rows = rows if self.backend == "triton" else rows.cpu()  # the C++ sampler reads host memory
             result = choose(rows, [s.params for s in seqs], [(s.seed, s.num_tokens, s.branch) for s in seqs],
                             [self._banned_tokens(s) for s in seqs])
             for i, seq in enumerate(seqs):
