@@ -1,4 +1,4 @@
-"""Token sampling on the GPU, bit-compatible with the CPU sampler (runtime/sampler.py).
+"""Token sampling on the GPU, bit-compatible with the reference sampler (runtime.sampler.sample_row).
 
 Row r of logits [R, V] gives one token and its logprob:
 
@@ -30,7 +30,7 @@ so the key range shrinks PIVOTS + 1 times a pass: exact after at most 8 passes a
 That gives the crossing value v and the weight above it; tokens tied at v weigh the same, so
 the crossing rank inside the tie group is arithmetic, and one last pass finds that member by id.
 
-Masses are summed in a different order from the CPU sampler's sorted cumsum, so they differ in
+Masses are summed in a different order from the reference's sorted cumsum, so they differ in
 the last bits: a token can differ only where the reference's target (or a top-p / min-p
 threshold) lies within rounding of a boundary between two tokens. Temperature division is
 IEEE (div_rn), so the order, ties included, is exactly the sampler's, and counts are exact.
@@ -62,7 +62,7 @@ def _philox_uniform(seed, position, branch):
 
     (philox4x32_10(counter=(position, branch, 0, 0), key=(seed lo32, seed hi32))[0] >> 8) * 2**-24.
     The rounds are spelled out in uint32 (umulhi for the high half of the 64-bit product) rather
-    than using tl.philox, so the bits are those of the CPU sampler by construction.
+    than using tl.philox, so the bits are those of runtime.sampler.uniform by construction.
     """
     c0 = position.to(tl.uint32)  # int64 -> uint32 keeps the low 32 bits, like `& 0xFFFFFFFF`
     c1 = branch.to(tl.uint32)

@@ -8,8 +8,8 @@ invariance). The uniform picks a token by inverse CDF over the kept tokens in a 
 
 `filtered_distribution` and `sample_row` state that rule in plain torch, sorting the whole
 vocabulary (4 ms a row at 49152 tokens on the dev CPU). They are the reference: the engine
-samples with `sample` on the CPU (the C++ sampler, cpp/cpu/sampling.h, which sorts only the
-prefix of the order it needs) and `sample_with_kernel` on CUDA (kernels/sampling.py), and both
+samples with `sample` on the CPU (the C++ sampler, cpp/cpu/sampling.h, which finds the cuts
+and the pick by quickselect) and `sample_with_kernel` on CUDA (kernels/sampling.py), and both
 are tested against `sample_row`.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[
     tokens = np.empty(len(params), dtype=np.int64)
     column = lambda values, dtype: np.array(values, dtype=dtype)  # noqa: E731
     _core.sample_tokens(
-        _without_banned(raw, banned).numpy(),
+        _without_banned(raw, banned, _banned_rows(banned)).numpy(),
         temperature=column([p.temperature for p in params], np.float32),
         top_k=column([p.top_k for p in params], np.int64),
         top_p=column([p.top_p for p in params], np.float32),
@@ -109,9 +109,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[
     return SampleResult(tokens.tolist(), chosen, _top_logprobs(logprobs, params))
 
 
-def _without_banned(rows: torch.Tensor, banned: list[frozenset[int]] | None) -> torch.Tensor:
-    """rows, or a copy with each row's banned ids at -inf (so neighbours' bans never touch a row)."""
-    banned_rows = [r for r, ids in enumerate(banned or []) if ids]
+def _banned_rows(banned: list[frozenset[int]] | None) -> list[int]:
+    return [r for r, ids in enumerate(banned or []) if ids]
+
+
+def _without_banned(rows: torch.Tensor, banned: list[frozenset[int]] | None, banned_rows: list[int]) -> torch.Tensor:
+    """rows, or a copy with each banned row's ids at -inf (so neighbours' bans never touch a row)."""
     if not banned_rows:
         return rows
     rows = rows.clone()
@@ -140,8 +143,8 @@ def sample_with_kernel(logits: torch.Tensor, params: list[SamplingParams], keys:
     device = logits.device
     raw = logits.float()
     vocab = raw.shape[-1]
-    rows = _without_banned(raw, banned)
-    banned_rows = [r for r, ids in enumerate(banned or []) if ids]
+    banned_rows = _banned_rows(banned)
+    rows = _without_banned(raw, banned, banned_rows)
     column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
     # Seeds are 64-bit unsigned; the kernel takes their two's-complement int64 bits.
     seeds = [seed - (1 << 64) if seed >= 1 << 63 else seed for seed, _, _ in keys]
