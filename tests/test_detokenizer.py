@@ -147,10 +147,11 @@ def test_truncate_rejects_out_of_range(tok: Tokenizer) -> None:
 
 
 class _CountingTokenizer:
-    """Wraps a tokenizer and records how many ids each decode call gets."""
+    """Wraps a tokenizer and records how many ids each decode call from Python gets."""
 
     def __init__(self, inner: Tokenizer) -> None:
         self.inner = inner
+        self.backend = inner.backend  # what DecodeStream steps with, in Rust
         self.sizes: list[int] = []
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -165,4 +166,71 @@ def test_per_token_work_does_not_grow_with_the_output(tok: Tokenizer) -> None:
     detok = IncrementalDetokenizer(counting, tok.encode("a prompt of several tokens here"))  # type: ignore[arg-type]
     assert "".join(stream(detok, ids)) == text
     assert len(ids) > 400
+    # Pushing runs in DecodeStream (Rust): Python decodes only to set the stream up.
+    assert len(counting.sizes) <= 2, f"{len(counting.sizes)} decodes from Python for {len(ids)} pushes"
+    detok.truncate(len(ids) - 3)  # rebuilding the stream decodes a window, not the output
+    detok.flush()
     assert max(counting.sizes) <= 12, f"a decode saw {max(counting.sizes)} tokens; the window should stay small"
+
+
+class WindowReference:
+    """The windowed two-decode algorithm written plainly (vLLM's, from the module docstring),
+    with no stream: what IncrementalDetokenizer must match delta for delta."""
+
+    def __init__(self, tok: Tokenizer, prompt: list[int], skip: bool) -> None:
+        self.tok, self.skip = tok, skip
+        context = prompt[-5:]
+        if context and self.decode(context).endswith(FFFD):
+            context = []
+        self.ids, self.num_context, self.prefix, self.read, self.text = list(context), len(context), 0, len(context), ""
+        self.marks: list[tuple[int, int, int]] = []
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before, after = self.decode(self.ids[self.prefix:self.read]), self.decode(self.ids[self.prefix:])
+        delta = ""
+        if len(after) > len(before) and not after.endswith(FFFD):
+            delta = after[len(before):]
+            self.prefix, self.read, self.text = self.read, len(self.ids), self.text + delta
+        self.marks.append((self.prefix, self.read, len(self.text)))
+        return delta
+
+    def flush(self) -> str:
+        if self.read == len(self.ids):
+            return ""
+        delta = self.decode(self.ids[self.prefix:])[len(self.decode(self.ids[self.prefix:self.read])):]
+        self.prefix, self.read, self.text = self.read, len(self.ids), self.text + delta
+        return delta
+
+    def truncate(self, n: int) -> None:
+        del self.ids[self.num_context + n:], self.marks[n:]
+        self.prefix, self.read, length = self.marks[-1] if n else (0, self.num_context, 0)
+        self.text = self.text[:length]
+
+
+def test_random_pushes_flushes_truncates_and_clones_match_the_plain_algorithm(tok: Tokenizer) -> None:
+    """Every delta equals the plain algorithm's, through flushes mid-character (where the stream
+    must hand over to decodes from Python and come back), truncations and clones."""
+    rng = random.Random(2)
+    pieces = [tok.encode(t) for t in MULTIBYTE_TEXTS] + [tok.encode("plain words 42 and <|im_end|> tokens")]
+    for trial in range(40):
+        skip = trial % 2 == 0
+        prompt = rng.choice(pieces)[: rng.randint(0, 9)]
+        detok, ref = IncrementalDetokenizer(tok, prompt, skip), WindowReference(tok, prompt, skip)
+        for _ in range(60):
+            op = rng.random()
+            if op < 0.75:
+                token = rng.choice(rng.choice(pieces)) if rng.random() < 0.8 else rng.randrange(tok.vocab_size)
+                assert detok.push(token) == ref.push(token), (trial, prompt, ref.ids)
+            elif op < 0.85:
+                assert detok.flush() == ref.flush()
+            elif op < 0.95:
+                keep = rng.randint(0, detok.num_outputs)
+                detok.truncate(keep)
+                ref.truncate(keep)
+            else:
+                detok = detok.clone()  # the original is dropped; the clone must carry on alike
+            assert detok.text == ref.text
