@@ -57,6 +57,7 @@ import torch
 
 import lockstep.runtime.engine as engine_module
 from lockstep.runtime.config import EngineConfig
+from lockstep.runtime.detokenizer import IncrementalDetokenizer
 from lockstep.runtime.engine import Engine
 from lockstep.runtime.loader import load_model
 from lockstep.runtime.sampler import sample
@@ -218,6 +219,34 @@ def time_sampling(vocab: int, batch: int, params: SamplingParams, budget_s: floa
             "repeats": repeats, "median_us": median, "p90_us": percentile(times, 90), "us_per_row": median / batch}
 
 
+DETOK_TEXT = ("The quick brown fox jumps over the lazy dog, and then it naps in the sun. "
+              "Un café à Paris coûte deux euros — 東京の天気は晴れです 🎉. ")
+
+
+def time_detokenizer(tokenizer, repeats: int) -> dict:
+    """IncrementalDetokenizer.push per token on real text with a real model's tokenizer: through
+    tokenizers' DecodeStream (the path every push takes) and through the window path it falls
+    back to (two decodes from Python, what every push took before)."""
+    ids = tokenizer.encode(DETOK_TEXT * 8)
+    prompt = tokenizer.encode("A prompt before the output.")
+    result = {"tokens": len(ids), "repeats": repeats}
+    for name in ("stream", "window"):
+        times = []
+        for _ in range(repeats):
+            detok = IncrementalDetokenizer(tokenizer, prompt)
+            if name == "window":
+                detok._stream = None  # the fallback path, kept off the stream for the whole run
+                detok._restart_stream = lambda: None
+            start = time.perf_counter_ns()
+            for token in ids:
+                detok.push(token)
+            times.append((time.perf_counter_ns() - start) / 1e3 / len(ids))
+            if detok.text + detok.flush() != tokenizer.decode(ids):
+                raise RuntimeError(f"the {name} path's text differs from a whole decode")
+        result[f"{name}_us_per_token"] = statistics.median(times)
+    return result
+
+
 def verdict(rows: list[dict]) -> list[str]:
     """Plain sentences: the planner and the whole host step against the target, at the largest batch."""
     row = rows[-1]
@@ -253,6 +282,10 @@ def main() -> int:
     engine = build_engine()
     rows = [time_batch(engine, b, warmup, steps) for b in batches]
     sampling = [time_sampling(v, b, p, budget_s, most) for v in vocabs for b in batches for p in (GREEDY, SAMPLED)]
+    if dry:
+        detok, detok_model = time_detokenizer(engine.tokenizer, 1), MODEL
+    else:
+        detok, detok_model = time_detokenizer(load_model(None, quiet=True).tokenizer, 20), "the default model"
 
     print(f"Host work per decode step ({MODEL}, vocabulary {engine.model_config.vocab_size}, null forward, "
           f"{engine.backend} backend on {engine.device}, {torch.get_num_threads()} torch thread(s)); "
@@ -274,6 +307,10 @@ def main() -> int:
         print(f"| {s['vocab']} | {s['batch']} | {s['mode']} | {s['median_us']:.1f} | {s['p90_us']:.1f} | "
               f"{s['us_per_row']:.1f} |")
     print()
+    print(f"IncrementalDetokenizer.push alone: {detok_model}'s tokenizer, {detok['tokens']} tokens of real text")
+    print(f"  DecodeStream path {detok['stream_us_per_token']:.2f} us/token; window path (two decodes from "
+          f"Python) {detok['window_us_per_token']:.2f} us/token")
+    print()
     lines = verdict(rows)
     for line in lines:
         print(line)
@@ -288,6 +325,7 @@ def main() -> int:
         "verdict": lines,
         "steps": rows,
         "sampling": sampling,
+        "detokenizer": {"tokenizer": detok_model, **detok},
     }
     if not dry:
         save_result(args.out, result)

@@ -192,7 +192,7 @@ class Engine:
             seq_id=next(self._ids), params=params, token_ids=ids, num_prompt_tokens=len(ids),
             detok=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
             seed=params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little"),
-            generating=generate,
+            generating=generate, stop_ids=self._stop_ids(params),
         )
         self.seqs[seq.seq_id] = seq
         self._family[seq.seq_id] = seq.seq_id
@@ -277,6 +277,7 @@ class Engine:
         seq = self._live(seq_id)
         if params is not None:
             seq.params = params
+            seq.stop_ids = self._stop_ids(params)
         self._check_length(seq.num_tokens, seq.params.max_tokens)
         seq.generating = True
         seq.outputs_at_commit = len(seq.output_ids)
@@ -348,7 +349,6 @@ class Engine:
         if step is None:
             return outputs
 
-        rows: list[int] = []  # where each sequence's rows start
         logit_rows: list[int] = []
         prompt_lp: list[tuple[Sequence, int, int, int]] = []  # (seq, logits index, position, count)
         to_sample: list[tuple[Sequence, int]] = []  # (seq, logits index)
@@ -362,11 +362,10 @@ class Engine:
                 if scored:
                     prompt_lp.append((seq, len(logit_rows), scored[0] - start + first, len(scored)))
                     logit_rows.extend(scored)
-            if seq.generating and first + n == seq.num_tokens:
-                to_sample.append((seq, len(logit_rows)))
-                logit_rows.append(start + n - 1)
-            rows.append(start)
             start += n
+            if seq.generating and first + n == len(seq.token_ids):
+                to_sample.append((seq, len(logit_rows)))
+                logit_rows.append(start - 1)
         try:
             logits = self._run_step(step, logit_rows)
         except Exception as exc:  # noqa: BLE001 - one failed step must not take the engine down
@@ -375,29 +374,26 @@ class Engine:
             for item in step.items:
                 outputs.append(self._finish(item.seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
             return outputs
-        for item in step.items:
-            item.seq.num_computed += item.num_tokens
-        if self.config.prefix_cache:
-            self._publish(step)
-
+        self._advance(step)
         self._record_prompt_logprobs(logits, prompt_lp)
-        # A request already at max_tokens (max_tokens 0: score the prompt only) ends unsampled.
-        done = [s for s, _ in to_sample if s.params.max_tokens is not None
-                and s.num_new_outputs >= s.params.max_tokens]
-        for seq in done:
-            outputs.append(self._finish(seq, FinishReason.LENGTH))
-        done_ids = {s.seq_id for s in done}
-        to_sample = [(s, i) for s, i in to_sample if s.seq_id not in done_ids]
-        if to_sample:
-            seqs = [s for s, _ in to_sample]
-            rows = logits[torch.tensor([i for _, i in to_sample], device=logits.device)]
+        sampled: list[Sequence] = []
+        sampled_rows: list[int] = []
+        for seq, index in to_sample:
+            max_tokens = seq.params.max_tokens
+            if max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit >= max_tokens:
+                # Already at max_tokens (max_tokens 0: score the prompt only): it ends unsampled.
+                outputs.append(self._finish(seq, FinishReason.LENGTH))
+            else:
+                sampled.append(seq)
+                sampled_rows.append(index)
+        if sampled:
+            rows = logits[torch.tensor(sampled_rows, device=logits.device)]
             choose = sample_with_kernel if self.backend == "triton" else sample
             rows = rows if self.backend == "triton" else rows.cpu()  # the C++ sampler reads host memory
-            result = choose(rows, [s.params for s in seqs], [(s.seed, s.num_tokens, s.branch) for s in seqs],
-                            [self._banned_tokens(s) for s in seqs])
-            for i, seq in enumerate(seqs):
-                outputs.append(self._accept_token(seq, result.token_ids[i], result.logprobs[i],
-                                                  result.top_logprobs[i]))
+            result = choose(rows, [s.params for s in sampled], [(s.seed, len(s.token_ids), s.branch) for s in sampled],
+                            [self._banned_tokens(s) for s in sampled])
+            accept = self._accept_token
+            outputs.extend(map(accept, sampled, result.token_ids, result.logprobs, result.top_logprobs))
         return outputs
 
     def _run_step(self, step: ScheduledStep, logit_rows: list[int]) -> torch.Tensor:
@@ -411,13 +407,15 @@ class Engine:
         inputs = self.programs.plan(step.program, handles, starts, counts, tokens, logit_rows)
         return self.programs.run(inputs).float()
 
-    def _publish(self, step: ScheduledStep) -> None:
-        """Offers every newly completed full block to the prefix cache (lockstep._core's index)."""
-        bs = self.kv.block_size
+    def _advance(self, step: ScheduledStep) -> None:
+        """Counts the step's tokens as computed, and offers every newly completed full block to the
+        prefix cache (lockstep._core's index)."""
+        bs = self.kv.block_size if self.config.prefix_cache else 0
         for item in step.items:
             seq = item.seq
-            if seq.num_computed // bs > (seq.num_computed - item.num_tokens) // bs:
-                done = seq.num_computed
+            before = seq.num_computed
+            done = seq.num_computed = before + item.num_tokens
+            if bs and done // bs > before // bs:
                 self.kv.allocator.publish(seq.handle, np.asarray(seq.token_ids[:done], np.int64), done)
 
     def _record_prompt_logprobs(self, logits: torch.Tensor,
@@ -431,39 +429,41 @@ class Engine:
                 seq.prompt_top_logprobs.extend(
                     list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist()))
 
-    def _stop_ids(self, seq: Sequence) -> frozenset[int]:
-        model_stops = frozenset() if seq.params.ignore_eos else self.tokenizer.stop_ids
-        return model_stops | frozenset(seq.params.stop_token_ids)
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The ids that end a sequence with these params (kept on the sequence: read every token)."""
+        model_stops = frozenset() if params.ignore_eos else self.tokenizer.stop_ids
+        return model_stops | frozenset(params.stop_token_ids)
 
-    def _banned_tokens(self, seq: Sequence) -> frozenset[int]:
-        return self._stop_ids(seq) if seq.num_new_outputs < seq.params.min_tokens else frozenset()
+    @staticmethod
+    def _banned_tokens(seq: Sequence) -> frozenset[int]:
+        return seq.stop_ids if seq.num_new_outputs < seq.params.min_tokens else frozenset()
 
     def _accept_token(self, seq: Sequence, token: int, logprob: float,
                       top: list[tuple[int, float]]) -> SeqOutput:
+        # The per-token path of every step: kept to plain list appends and one detokenizer call.
         seq.token_ids.append(token)
         seq.output_ids.append(token)
-        seq.output_positions.append(seq.num_tokens - 1)
+        seq.output_positions.append(len(seq.token_ids) - 1)
         seq.output_logprobs.append(logprob)
         seq.output_top_logprobs.append(top)
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         params = seq.params
         reason = None
-        if token in self._stop_ids(seq):
+        if token in seq.stop_ids:
             reason = FinishReason.STOP  # the stop token's own text is not part of the answer
         else:
             before = len(seq.text)
             seq.text += seq.detok.push(token)
-            cut = self._find_stop_string(seq.text, before, params.stop)
-            if cut is not None:
-                seq.text = seq.text[:cut]
-                reason = FinishReason.STOP
-        if reason is None and params.max_tokens is not None and seq.num_new_outputs >= params.max_tokens:
-            reason = FinishReason.LENGTH
-        if reason is None and seq.num_tokens >= self.max_model_len:
-            reason = FinishReason.LENGTH
-        if reason is not None and reason is FinishReason.LENGTH:
-            seq.text += seq.detok.flush()
+            if params.stop:
+                cut = self._find_stop_string(seq.text, before, params.stop)
+                if cut is not None:
+                    seq.text = seq.text[:cut]
+                    reason = FinishReason.STOP
+            if reason is None and ((params.max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit
+                                    >= params.max_tokens) or len(seq.token_ids) >= self.max_model_len):
+                reason = FinishReason.LENGTH
+                seq.text += seq.detok.flush()
         out = SeqOutput(seq.seq_id, token, "", logprob, top)
         if reason is not None:
             self._finish(seq, reason, out)
@@ -483,7 +483,8 @@ class Engine:
 
     def _streamable(self, seq: Sequence) -> str:
         # Hold back a tail that might still grow into a stop string, so it is never sent.
-        hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        stops = seq.params.stop
+        hold = max(map(len, stops)) - 1 if stops else 0
         end = len(seq.text) if seq.finished else len(seq.text) - hold
         if end <= seq.num_chars_sent:
             return ""

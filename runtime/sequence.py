@@ -33,6 +33,7 @@ class Sequence:
     branch: int = 0
     # While False the sequence only prefills what it is given (incremental input) and waits.
     generating: bool = True
+    stop_ids: frozenset[int] = frozenset()  # token ids that end it: the model's stops and the request's
     status: SeqStatus = SeqStatus.WAITING
     handle: int | None = None  # block allocator handle while it holds KV
     num_computed: int = 0  # leading tokens whose K/V are in the cache
@@ -73,7 +74,7 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
 
-@dataclass
+@dataclass(slots=True)  # one per sequence per step: slots make it cheaper to build and read
 class SeqOutput:
     """What one step produced for one sequence: a token, text safe to stream, or its end."""
 
