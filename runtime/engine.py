@@ -28,6 +28,7 @@ from lockstep import _core
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import ContextLengthError, InvalidRequestError
+from .held_logits import HeldLogits
 from .kv_cache import KVCache
 from .linear import Linears, native_cpu_matmul
 from .loader import LoadedModel
@@ -117,6 +118,9 @@ class Engine:
                                      workspace=self.workspace)
         self.memory_plan = build_memory_plan(weights, blocks, self.kv, (self.runner.cos, self.runner.sin),
                                              self.workspace, self.config.max_num_seqs)
+        # The last input row's logits of prefill-only sequences, so commit() samples without a forward.
+        self.held = HeldLogits(self.config.max_num_seqs, model.config.vocab_size, self.device)
+        self.memory_plan.add("held_logits", self.held.rows)
         if self.config.guard_memory and native_cpu:
             self.runner.guard = self.memory_plan
         self.programs = ProgramRunner(self.runner, self.kv, self.workspace)
@@ -133,6 +137,7 @@ class Engine:
         self._next_branch: dict[int, int] = {}  # per fork family: the next branch number
         self._family: dict[int, int] = {}  # seq id -> id of the family's first sequence
         self._pending: list[SeqOutput] = []  # terminal outputs made between steps (cancels)
+        self._ready: dict[int, Sequence] = {}  # committed, to sample from held logits next step
         self.last_step: ScheduledStep | None = None
         self.last_error: str | None = None  # the latest failed step's error, for logs and tests
         log.info("engine: %s backend on %s", self.backend, self.device)
@@ -252,6 +257,10 @@ class Engine:
             self._next_branch[family] += 1
             self._family[child.seq_id] = family
             self.seqs[child.seq_id] = child
+            if child.held_slot is not None:
+                self.held.share(child.held_slot)
+                if child.generating:  # a fork of a sequence committed but not yet sampled
+                    self._ready[child.seq_id] = child
             if parent.handle is not None:
                 child.handle = self.kv.allocator.fork(parent.handle)
                 self.scheduler.add_running(child)
@@ -266,6 +275,7 @@ class Engine:
         ids = self.tokenizer.encode(tokens, add_bos=False) if isinstance(tokens, str) else list(tokens)
         self._check_ids(ids)
         self._check_length(seq.num_tokens + len(ids), 0)
+        self._drop_held(seq)
         if seq.output_ids:
             # Output text must not run on into what comes after the new input: emit any
             # character still pending in the detokenizer now.
@@ -281,13 +291,17 @@ class Engine:
         self._check_length(seq.num_tokens, seq.params.max_tokens)
         seq.generating = True
         seq.outputs_at_commit = len(seq.output_ids)
-        self._ensure_logits_pending(seq)
+        if seq.held_slot is not None and seq.num_uncomputed == 0:
+            self._ready[seq.seq_id] = seq  # its first token is sampled from the held logits
+        else:
+            self._ensure_logits_pending(seq)
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         """Rolls a live sequence back to its first `num_tokens` tokens, output included."""
         seq = self._live(seq_id)
         if not 1 <= num_tokens <= seq.num_tokens:
             raise InvalidRequestError(f"truncate position must be in [1, {seq.num_tokens}], got {num_tokens}")
+        self._drop_held(seq)
         del seq.token_ids[num_tokens:]
         kept = sum(1 for p in seq.output_positions if p < num_tokens)
         for lst in (seq.output_ids, seq.output_positions, seq.output_logprobs, seq.output_top_logprobs):
@@ -302,6 +316,12 @@ class Engine:
             self.kv.allocator.truncate(seq.handle, seq.num_computed)
         if seq.generating:
             self._ensure_logits_pending(seq)
+
+    def _drop_held(self, seq: Sequence) -> None:
+        """Gives back seq's held logits: its tokens are about to change, or it ends."""
+        if seq.held_slot is not None:
+            self.held.release(seq.held_slot)
+            seq.held_slot = None
 
     def _ensure_logits_pending(self, seq: Sequence) -> None:
         # The next token is sampled from the logits of the last token, which only a forward over
@@ -337,13 +357,21 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self._pending) or any(s.cancel_requested for s in self.seqs.values()) \
-            or self.scheduler.has_work()
+            or any(not s.paused for s in self._ready.values()) or self.scheduler.has_work()
 
     def step(self) -> list[SeqOutput]:
         outputs = self._pending
         self._pending = []
         for seq in [s for s in self.seqs.values() if s.cancel_requested]:
             outputs.append(self._finish(seq, FinishReason.CANCELLED))
+        ready = self._take_ready()
+        if ready:
+            # Committed sequences whose first token needs no forward: sampled now, in a step of
+            # their own, so that token is out before the next forward rather than after it.
+            self.last_step = None
+            outputs.extend(self._sample(ready, self.held.rows[torch.tensor([s.held_slot for s in ready],
+                                                                             device=self.held.rows.device)]))
+            return outputs
         step = self.scheduler.schedule()
         self.last_step = step
         if step is None:
@@ -352,6 +380,7 @@ class Engine:
         logit_rows: list[int] = []
         prompt_lp: list[tuple[Sequence, int, int, int]] = []  # (seq, logits index, position, count)
         to_sample: list[tuple[Sequence, int]] = []  # (seq, logits index)
+        to_hold: list[tuple[Sequence, int]] = []  # prefill-only sequences at the end of their input
         start = 0
         for item in step.items:
             seq, n = item.seq, item.num_tokens
@@ -363,9 +392,13 @@ class Engine:
                     prompt_lp.append((seq, len(logit_rows), scored[0] - start + first, len(scored)))
                     logit_rows.extend(scored)
             start += n
-            if seq.generating and first + n == len(seq.token_ids):
-                to_sample.append((seq, len(logit_rows)))
-                logit_rows.append(start - 1)
+            if first + n == len(seq.token_ids):
+                if seq.generating:
+                    to_sample.append((seq, len(logit_rows)))
+                    logit_rows.append(start - 1)
+                elif seq.held_slot is None and self.held.num_free:
+                    to_hold.append((seq, len(logit_rows)))
+                    logit_rows.append(start - 1)
         try:
             logits = self._run_step(step, logit_rows)
         except Exception as exc:  # noqa: BLE001 - one failed step must not take the engine down
@@ -376,24 +409,51 @@ class Engine:
             return outputs
         self._advance(step)
         self._record_prompt_logprobs(logits, prompt_lp)
+        for seq, index in to_hold:
+            seq.held_slot = self.held.hold(logits[index])
+        if to_sample:
+            outputs.extend(self._sample([s for s, _ in to_sample],
+                                        logits[torch.tensor([i for _, i in to_sample], device=logits.device)]))
+        return outputs
+
+    def _take_ready(self) -> list[Sequence]:
+        """The committed sequences that sample from held logits now: not paused, and still at the
+        end of their input with their logits held (a preempted one recomputes its input and
+        samples at the end of that instead)."""
+        ready = []
+        for seq in list(self._ready.values()):
+            if seq.paused:
+                continue
+            del self._ready[seq.seq_id]
+            if seq.held_slot is not None and seq.num_uncomputed == 0 and seq.status is SeqStatus.RUNNING:
+                ready.append(seq)
+            else:
+                self._drop_held(seq)
+                self._ensure_logits_pending(seq)
+        return ready
+
+    def _sample(self, seqs: list[Sequence], rows: torch.Tensor) -> list[SeqOutput]:
+        """Samples each sequence's next token from its row of logits and takes it in."""
+        outputs: list[SeqOutput] = []
         sampled: list[Sequence] = []
-        sampled_rows: list[int] = []
-        for seq, index in to_sample:
+        keep: list[int] = []
+        for i, seq in enumerate(seqs):
             max_tokens = seq.params.max_tokens
             if max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit >= max_tokens:
                 # Already at max_tokens (max_tokens 0: score the prompt only): it ends unsampled.
                 outputs.append(self._finish(seq, FinishReason.LENGTH))
             else:
                 sampled.append(seq)
-                sampled_rows.append(index)
-        if sampled:
-            rows = logits[torch.tensor(sampled_rows, device=logits.device)]
-            choose = sample_with_kernel if self.backend == "triton" else sample
-            rows = rows if self.backend == "triton" else rows.cpu()  # the C++ sampler reads host memory
-            result = choose(rows, [s.params for s in sampled], [(s.seed, len(s.token_ids), s.branch) for s in sampled],
-                            [self._banned_tokens(s) for s in sampled])
-            accept = self._accept_token
-            outputs.extend(map(accept, sampled, result.token_ids, result.logprobs, result.top_logprobs))
+                keep.append(i)
+        if not sampled:
+            return outputs
+        if len(keep) < len(seqs):
+            rows = rows[torch.tensor(keep, device=rows.device)]
+        choose = sample_with_kernel if self.backend == "triton" else sample
+        rows = rows if self.backend == "triton" else rows.cpu()  # the C++ sampler reads host memory
+        result = choose(rows, [s.params for s in sampled], [(s.seed, len(s.token_ids), s.branch) for s in sampled],
+                        [self._banned_tokens(s) for s in sampled])
+        outputs.extend(map(self._accept_token, sampled, result.token_ids, result.logprobs, result.top_logprobs))
         return outputs
 
     def _run_step(self, step: ScheduledStep, logit_rows: list[int]) -> torch.Tensor:
@@ -441,6 +501,8 @@ class Engine:
     def _accept_token(self, seq: Sequence, token: int, logprob: float,
                       top: list[tuple[int, float]]) -> SeqOutput:
         # The per-token path of every step: kept to plain list appends and one detokenizer call.
+        if seq.held_slot is not None:
+            self._drop_held(seq)  # sampled from them, or recomputed them: they are stale now
         seq.token_ids.append(token)
         seq.output_ids.append(token)
         seq.output_positions.append(len(seq.token_ids) - 1)
@@ -495,6 +557,8 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason, out: SeqOutput | None = None,
                 error: str | None = None) -> SeqOutput:
         self.scheduler.remove(seq)  # first: it finds the sequence by its status
+        self._drop_held(seq)
+        self._ready.pop(seq.seq_id, None)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.error = error

@@ -36,6 +36,7 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()  # token ids that end it: the model's stops and the request's
     status: SeqStatus = SeqStatus.WAITING
     handle: int | None = None  # block allocator handle while it holds KV
+    held_slot: int | None = None  # its last input token's logits, kept in Engine.held (runtime/held_logits.py)
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     output_ids: list[int] = field(default_factory=list)
     output_positions: list[int] = field(default_factory=list)  # index of each output in token_ids
