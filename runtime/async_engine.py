@@ -267,7 +267,13 @@ class AsyncEngine:
                 return
 
     def _dispatch(self, outputs: list[SeqOutput]) -> None:
+        """Hands a step's outputs to their streams: one wake-up of each caller's event loop per
+        step, not one per output. A wake-up writes to the loop's self-pipe (a system call); one
+        per output cost ~4 us each, a quarter of a millisecond a step at 64 streams, on the thread
+        that runs the steps. One callback delivers the step's outputs in order, and callbacks run
+        in the order they were queued, so each stream still sees its outputs in step order."""
         now = time.perf_counter()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, SeqOutput]]] = {}
         for out in outputs:
             for observer in self.observers:
                 observer.on_output(out, now)
@@ -276,8 +282,16 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._streams[out.seq_id]
+            by_loop.setdefault(stream.loop, []).append((stream.outputs, out))
+        for loop, deliveries in by_loop.items():
             try:
-                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
-            except RuntimeError:  # the caller's event loop is closed: nobody will read this
-                self._abandon(out.seq_id)
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:  # the caller's event loop is closed: nobody will read these
+                for seq_id in dict.fromkeys(out.seq_id for _, out in deliveries):
+                    self._abandon(seq_id)
 
+
+def _deliver(deliveries: list[tuple[asyncio.Queue, SeqOutput]]) -> None:
+    """On a caller's event loop: puts each output on its stream's queue, in order."""
+    for outputs, out in deliveries:
+        outputs.put_nowait(out)

@@ -92,6 +92,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "to meet it (default: 50)")
     g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="do not share KV blocks between requests with a common prompt prefix")
+    g.add_argument("--no-held-logits", dest="held_logits", action="store_false",
+                   help="do not keep a prefill-only sequence's last logits; commit computes its last token "
+                        "again (saves --max-num-seqs rows of the vocabulary in float32)")
     g.add_argument("--calibrate", dest="calibrate", action="store_const", const="measure", default="auto",
                    help="time every step program at start-up, even if this machine has a cached cost table")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -173,7 +176,8 @@ def engine_from_args(args: argparse.Namespace):
                                       cpu_kernels=args.cpu_kernels, max_num_seqs=args.max_num_seqs,
                                       max_batched_tokens=args.max_batched_tokens,
                                       prefill_chunk=args.prefill_chunk, itl_target_ms=args.itl_target_ms,
-                                      prefix_cache=args.prefix_cache, calibrate=args.calibrate)), model
+                                      prefix_cache=args.prefix_cache, held_logits=args.held_logits,
+                                      calibrate=args.calibrate)), model
 
 
 def _params(args: argparse.Namespace):

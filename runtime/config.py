@@ -82,6 +82,10 @@ class EngineConfig:
     threads: int | None = None
     # Reuse KV blocks of earlier requests that share a prompt prefix (lockstep._core's index).
     prefix_cache: bool = True
+    # Keep the last input token's logits of prefill-only sequences (max_num_seqs rows of the
+    # vocabulary, runtime/held_logits.py) so commit() samples without a forward; off: commit
+    # computes that token again.
+    held_logits: bool = True
     # Inter-token latency an interactive request gets unless it asks for its own (runtime/scheduler.py).
     itl_target_ms: float = 50.0
     # The longest a batch sequence waits for a step while interactive streams hold it back.

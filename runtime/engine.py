@@ -119,8 +119,10 @@ class Engine:
         self.memory_plan = build_memory_plan(weights, blocks, self.kv, (self.runner.cos, self.runner.sin),
                                              self.workspace, self.config.max_num_seqs)
         # The last input row's logits of prefill-only sequences, so commit() samples without a forward.
-        self.held = HeldLogits(self.config.max_num_seqs, model.config.vocab_size, self.device)
-        self.memory_plan.add("held_logits", self.held.rows)
+        slots = self.config.max_num_seqs if self.config.held_logits else 0
+        self.held = HeldLogits(slots, model.config.vocab_size, self.device)
+        if slots:
+            self.memory_plan.add("held_logits", self.held.rows)
         if self.config.guard_memory and native_cpu:
             self.runner.guard = self.memory_plan
         self.programs = ProgramRunner(self.runner, self.kv, self.workspace)

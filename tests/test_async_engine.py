@@ -143,3 +143,45 @@ def test_a_request_that_finishes_before_it_is_read_still_streams(make_engine) ->
     finally:
         served.shutdown()
     assert [o.token_id is not None for o in outs] == [True, True] and outs[-1].finished
+
+
+class _StepCounter:
+    """An observer that counts the engine's steps (on the engine thread)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_added(self, seq, now) -> None: ...
+
+    def on_forked(self, parent, children, now) -> None: ...
+
+    def on_step(self, engine, seconds) -> None:
+        self.steps += 1
+
+    def on_output(self, out, now) -> None: ...
+
+
+def test_a_step_wakes_the_callers_loop_once_whatever_the_number_of_streams(make_engine) -> None:
+    """Outputs cross to the event loop in one callback per step, not one per output (each is a
+    write to the loop's self-pipe), and every stream still gets all of its outputs in order."""
+    counter = _StepCounter()
+    served = AsyncEngine(make_engine(), observers=[counter]).start()
+    wakeups = []
+    try:
+        async def run_all():
+            loop = asyncio.get_running_loop()
+            threadsafe = loop.call_soon_threadsafe
+
+            def counted(callback, *args):
+                wakeups.append(callback)
+                return threadsafe(callback, *args)
+
+            loop.call_soon_threadsafe = counted
+            return await asyncio.gather(*(collect(served, p, params(i)) for i, p in enumerate(PROMPTS)))
+        results = asyncio.run(run_all())
+    finally:
+        served.shutdown()
+    delivered = sum(len(outs) for outs in results)
+    assert all(outs[-1].finished and sum(o.finished for o in outs) == 1 for outs in results)
+    engine_wakeups = [w for w in wakeups if getattr(w, "__name__", "") == "_deliver"]
+    assert len(engine_wakeups) <= counter.steps < delivered, (len(engine_wakeups), counter.steps, delivered)

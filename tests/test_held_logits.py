@@ -159,3 +159,17 @@ def test_a_paused_commit_waits_and_a_cancelled_one_ends_once(make_engine) -> Non
     assert cancelled.output_ids == []
     assert engine.held.num_free == engine.config.max_num_seqs
     assert engine.kv.allocator.num_free_blocks() == engine.kv.num_blocks
+
+
+def test_held_logits_off_plans_no_rows_and_commit_recomputes(make_engine) -> None:
+    params = SamplingParams(**SAMPLED, seed=12)
+    reference = one_shot(make_engine, PROMPT, params)
+    engine = make_engine(held_logits=False)
+    assert engine.held.num_free == 0 and "held_logits" not in engine.memory_plan.regions
+    assert "held_logits" in make_engine().memory_plan.regions
+    seq = prefill_only(engine, PROMPT, params)
+    forwards = count_forwards(engine)
+    engine.commit(seq.seq_id)
+    engine.run_until_done([seq])
+    assert forwards[0] == len(reference.output_ids)  # the first token needed a forward too
+    assert seq.output_ids == reference.output_ids and seq.output_logprobs == reference.logprobs
