@@ -108,7 +108,7 @@ class IncrementalDetokenizer:
             # Tokens after the last emission are held in the window; stepping them again returns
             # nothing (they emitted nothing the first time) and leaves the stream where it was.
             for token_id in self._ids[self._read:]:
-                if self._step_stream(token_id):
+                if self._stream.step(self._backend, token_id):
                     raise AssertionError("a held token emitted text when replayed")
 
     def clone(self) -> IncrementalDetokenizer:

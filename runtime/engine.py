@@ -2,8 +2,10 @@
 
 A step is: apply pending cancels, ask the scheduler what runs, build the step's inputs, run
 the forward, sample where a sequence needs its next token, and turn tokens into outputs
-(text safe to stream, stop checks, finishing). Sequence operations (fork, append, commit,
-truncate, cancel) happen between steps, so a step always sees a consistent state.
+(text safe to stream, stop checks, finishing). A step after commit() of prefill-only sequences
+whose last logits are held (runtime/held_logits.py) runs no forward: it only samples their
+first tokens, so those come out before the next forward. Sequence operations (fork, append,
+commit, truncate, cancel) happen between steps, so a step always sees a consistent state.
 """
 from __future__ import annotations
 
@@ -138,7 +140,6 @@ class Engine:
         self._ids = count()
         self._next_branch: dict[int, int] = {}  # per fork family: the next branch number
         self._family: dict[int, int] = {}  # seq id -> id of the family's first sequence
-        self._pending: list[SeqOutput] = []  # terminal outputs made between steps (cancels)
         self._ready: dict[int, Sequence] = {}  # committed, to sample from held logits next step
         self.last_step: ScheduledStep | None = None
         self.last_error: str | None = None  # the latest failed step's error, for logs and tests
@@ -288,8 +289,11 @@ class Engine:
         """Starts generating from everything the sequence holds (e.g. after incremental input)."""
         seq = self._live(seq_id)
         if params is not None:
+            self._check_ids(params.stop_token_ids, what="stop token id")
             seq.params = params
             seq.stop_ids = self._stop_ids(params)
+            if params.seed is not None:
+                seq.seed = params.seed  # the reply is then what a request with that seed would sample
         self._check_length(seq.num_tokens, seq.params.max_tokens)
         seq.generating = True
         seq.outputs_at_commit = len(seq.output_ids)
@@ -358,12 +362,11 @@ class Engine:
     # --- the step --------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self._pending) or any(s.cancel_requested for s in self.seqs.values()) \
+        return any(s.cancel_requested for s in self.seqs.values()) \
             or any(not s.paused for s in self._ready.values()) or self.scheduler.has_work()
 
     def step(self) -> list[SeqOutput]:
-        outputs = self._pending
-        self._pending = []
+        outputs: list[SeqOutput] = []
         for seq in [s for s in self.seqs.values() if s.cancel_requested]:
             outputs.append(self._finish(seq, FinishReason.CANCELLED))
         ready = self._take_ready()
@@ -398,7 +401,7 @@ class Engine:
                 if seq.generating:
                     to_sample.append((seq, len(logit_rows)))
                     logit_rows.append(start - 1)
-                elif seq.held_slot is None and self.held.num_free:
+                elif seq.held_slot is None and len(to_hold) < self.held.num_free:
                     to_hold.append((seq, len(logit_rows)))
                     logit_rows.append(start - 1)
         try:
@@ -430,6 +433,8 @@ class Engine:
             if seq.held_slot is not None and seq.num_uncomputed == 0 and seq.status is SeqStatus.RUNNING:
                 ready.append(seq)
             else:
+                # Its input changed or it was preempted: it samples after computing its input
+                # again (truncate has already stepped it back one token; this is then a no-op).
                 self._drop_held(seq)
                 self._ensure_logits_pending(seq)
         return ready
@@ -441,7 +446,7 @@ class Engine:
         keep: list[int] = []
         for i, seq in enumerate(seqs):
             max_tokens = seq.params.max_tokens
-            if max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit >= max_tokens:
+            if max_tokens is not None and seq.num_new_outputs >= max_tokens:
                 # Already at max_tokens (max_tokens 0: score the prompt only): it ends unsampled.
                 outputs.append(self._finish(seq, FinishReason.LENGTH))
             else:
@@ -524,6 +529,7 @@ class Engine:
                 if cut is not None:
                     seq.text = seq.text[:cut]
                     reason = FinishReason.STOP
+            # seq.num_new_outputs, inlined: this runs for every token of every sequence.
             if reason is None and ((params.max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit
                                     >= params.max_tokens) or len(seq.token_ids) >= self.max_model_len):
                 reason = FinishReason.LENGTH

@@ -205,3 +205,28 @@ def test_too_long_prompt_is_refused(make_engine) -> None:
         engine.add_request([1, 10**6], SamplingParams(max_tokens=1))
     with pytest.raises(InvalidRequestError, match="stop token id 1000000000 is out of range"):
         engine.add_request([1, 2], SamplingParams(max_tokens=1, min_tokens=1, stop_token_ids=[10**9]))
+
+
+def test_commit_with_a_seed_samples_as_a_request_with_that_seed(make_engine) -> None:
+    """A session opened with one seed (or none) and committed with another replies as a one-shot
+    request with the commit's seed would."""
+    sampled = dict(temperature=0.9, max_tokens=6, ignore_eos=True)
+    reference = run_one(make_engine(), PROMPTS[1], **sampled, seed=77)
+    engine = make_engine()
+    seq = engine.add_request(PROMPTS[1], SamplingParams(**sampled, seed=1), generate=False)
+    while engine.has_work():
+        engine.step()
+    engine.commit(seq.seq_id, SamplingParams(**sampled, seed=77))
+    engine.run_until_done([seq])
+    assert seq.output_ids == reference.output_ids and seq.output_logprobs == reference.logprobs
+
+
+def test_commit_refuses_stop_token_ids_outside_the_vocabulary(make_engine) -> None:
+    engine = make_engine()
+    seq = engine.add_request(PROMPTS[0], SamplingParams(**GREEDY, max_tokens=4), generate=False)
+    with pytest.raises(InvalidRequestError, match="stop token id"):
+        engine.commit(seq.seq_id, SamplingParams(**GREEDY, max_tokens=4, min_tokens=1,
+                                                 stop_token_ids=[engine.model_config.vocab_size + 5]))
+    engine.commit(seq.seq_id)  # the sequence is untouched and still commits
+    engine.run_until_done([seq])
+    assert len(seq.output_ids) == 4
