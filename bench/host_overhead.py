@@ -15,7 +15,7 @@ so what is left is host work only:
 Timers wrap those functions from this script (instance attributes and the engine module's
 `sample`); nothing in the runtime changes. The null forward's slice is timed too and left out
 of the host total. Model: synthetic:tiny (vocabulary 1024), ~32-token random prompts, greedy
-over logits that favour its byte tokens (text-like output, see build_engine), EOS ignored; contexts grow from 33 to ~450 tokens over the timed steps (the planner's cost
+over logits that favour its ASCII byte tokens (text-like output, see build_engine), EOS ignored; contexts grow from 33 to ~450 tokens over the timed steps (the planner's cost
 grows with context: step_planner.json has 64 sequences at 4096 tokens). A second table times
 `sample` alone, greedy and sampled (temperature 0.8, top_p 0.9), at the tiny vocabulary and at
 the default model's (49152), since the CPU sampler's cost grows with both batch and vocabulary.
@@ -70,7 +70,7 @@ from lockstep.bench.stats import percentile  # noqa: E402
 TARGET_US = 50.0  # issue 5: host overhead per step for a batch of 64
 MODEL = "synthetic:tiny"
 PROMPT_LEN = 32
-BYTE_TOKENS = 256  # synthetic:tiny's byte-level alphabet comes first in its vocabulary
+PRINTABLE_ASCII = slice(32, 127)  # synthetic:tiny's ids of the bytes " " to "~"
 BLOCK = 10  # steps with timers, then as many without, in turn
 PARTS = ("schedule", "inputs", "plan", "planner", "sample", "detok", "other")
 LABELS = {
@@ -113,15 +113,16 @@ class TimedPlanner:
 def build_engine() -> Engine:
     """synthetic:tiny with a null forward: a slice of fixed random logits, so greedy sampling does real work.
 
-    The logits favour the vocabulary's 256 byte tokens (synthetic:tiny's first ids), so the output
-    is text-like: its other 765 tokens are "<filler_N>" pieces that no real text has, and each
-    costs the detokenizer ~4 us, against ~0.9 us a token for the default model's tokenizer on real
-    text (the detokenizer table times that)."""
+    The logits favour the tokens of printable ASCII bytes (synthetic:tiny's first 256 ids are its
+    byte tokens, id = byte), so the output is text-like: its other 765 tokens are "<filler_N>"
+    pieces that no real text has, each costing the detokenizer ~4 us against ~0.9 us a token for
+    the default model's tokenizer on real text (the detokenizer table times that), and a lone
+    byte >= 0x80 never completes a character."""
     engine = Engine(load_model(MODEL, quiet=True),
                     EngineConfig(max_num_seqs=64, kv_memory_bytes=256 << 20, calibrate="off"))
     logits = torch.randn(engine.ladder.largest_rows, engine.model_config.vocab_size,
                          generator=torch.Generator().manual_seed(0))
-    logits[:, :BYTE_TOKENS] += 8.0
+    logits[:, PRINTABLE_ASCII] += 8.0
     engine.programs.run = lambda inputs: logits[:inputs.logit_rows.shape[0]]
     return engine
 

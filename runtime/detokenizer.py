@@ -10,7 +10,9 @@ TGI do:
 
 and new_text[len(prefix_text):] is emitted unless it ends in U+FFFD, which means the last
 character is still incomplete and its remaining bytes are coming. The window then slides
-forward, so a token costs two decodes of a few tokens, however long the output grows.
+forward, so a token costs two decodes of a few tokens, however long the output grows. Unlike
+vLLM's, the window is also bounded when the bytes never complete (a model emitting stray
+UTF-8 bytes): past MOST_HELD_TOKENS held tokens, they come out as U+FFFD.
 
 The per-token path runs that algorithm in Rust: `tokenizers`' DecodeStream keeps the window
 and its prefix text, one call a token (~0.7 us here, against ~5 us for two decodes from
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 # token decodes as it would in the middle of text (its leading space kept).
 _CONTEXT_TOKENS = 5
 _REPLACEMENT = "\ufffd"
+# Tokens held back at most: a UTF-8 character is at most 4 bytes, so at most 4 byte tokens.
+MOST_HELD_TOKENS = 8
 
 
 class IncrementalDetokenizer:
@@ -77,6 +81,11 @@ class IncrementalDetokenizer:
             self.text += delta
             if self._stream is None:
                 self._restart_stream()
+        elif len(self._ids) - self._read > MOST_HELD_TOKENS:
+            # No character spans this many tokens, so what is held can never become valid text
+            # (a run of stray UTF-8 bytes): let it out as U+FFFD. Held, it would grow the window
+            # every push decodes, making each token cost more than the last.
+            delta = self.flush()
         self._checkpoints.append((self._prefix, self._read, len(self.text)))
         return delta
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lockstep.runtime.detokenizer import IncrementalDetokenizer
+from lockstep.runtime.detokenizer import MOST_HELD_TOKENS, IncrementalDetokenizer
 from lockstep.runtime.tokenizer import Tokenizer
 
 FFFD = "\ufffd"
@@ -195,6 +195,8 @@ class WindowReference:
         if len(after) > len(before) and not after.endswith(FFFD):
             delta = after[len(before):]
             self.prefix, self.read, self.text = self.read, len(self.ids), self.text + delta
+        elif len(self.ids) - self.read > MOST_HELD_TOKENS:
+            delta = self.flush()  # what is held can never become a character: out it goes
         self.marks.append((self.prefix, self.read, len(self.text)))
         return delta
 
@@ -234,3 +236,19 @@ def test_random_pushes_flushes_truncates_and_clones_match_the_plain_algorithm(to
             else:
                 detok = detok.clone()  # the original is dropped; the clone must carry on alike
             assert detok.text == ref.text
+
+
+def test_stray_bytes_come_out_as_replacement_characters_at_a_bounded_cost(tok: Tokenizer) -> None:
+    """A run of UTF-8 continuation bytes never completes a character. The detokenizer lets it out
+    as U+FFFD instead of holding it, so no push decodes more than a few tokens."""
+    continuation = next(i for i in range(tok.vocab_size) if tok.token_bytes(i) == b"\x8f")  # a lone UTF-8 tail byte
+    assert tok.decode([continuation]) == FFFD
+    counting = _CountingTokenizer(tok)
+    detok = IncrementalDetokenizer(counting, [])  # type: ignore[arg-type]
+    stray = [continuation] * 200
+    deltas = stream(detok, stray) + [detok.flush()]
+    assert "".join(deltas) == detok.text == tok.decode(stray)
+    assert sum(1 for d in deltas if d) >= len(stray) // (MOST_HELD_TOKENS + 1)
+    assert max(counting.sizes) <= 2 * (MOST_HELD_TOKENS + 1), f"a decode saw {max(counting.sizes)} tokens"
+    detok.truncate(150)
+    assert detok.text == "".join(deltas[:150]) and detok.push(tok.encode("a")[0]).endswith("a")
