@@ -22,17 +22,25 @@ the default model's (49152), since the CPU sampler's cost grows with both batch 
 
 What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 200 steps per batch):
 - the C++ step planner takes 3 us of a decode step of 64, well inside the 50 us target;
-  ProgramRunner.plan around it takes 17 us, most of it slicing the seven workspace tensors into
+  ProgramRunner.plan around it takes 15 us, most of it slicing the seven workspace tensors into
   the step's input views;
-- the whole host step of 64 takes 0.81 ms, about 16x the target: NOT inside it. No one part
-  dominates: the detokenizer 0.33 ms (~5 us a token), the rest of Engine.step 0.27 ms
-  (per-token bookkeeping, stop checks, outputs), the sampler 0.10 ms (greedy, tiny vocabulary:
-  mostly the batch's log_softmax and the Python glue), the scheduler 0.09 ms;
-- per sequence the host spends ~13 us a step at batch 16 and 64, ~50 us at batch 1;
+- the whole host step of 64 takes 0.44 ms, about 9x the target: NOT inside it. No one part
+  dominates: the rest of Engine.step 0.17 ms (per-token bookkeeping, stop checks, outputs),
+  the sampler 0.10 ms (greedy, tiny vocabulary: mostly the batch's log_softmax and the Python
+  glue), the scheduler 0.09 ms, the detokenizer 0.06 ms (~1 us a token, in DecodeStream);
+- per sequence the host spends ~7 us a step at batch 64, ~9 us at 16, ~50 us at batch 1. What
+  is left is Python's per-object cost: a few attribute reads, list appends and one output
+  object per sequence per step, each ~0.05-0.1 us, add up to this;
+- this script at the code before DecodeStream and the streamlined bookkeeping (ef7b1d1's
+  runtime/ with this version of the script): 0.54 ms at batch 64, detokenizer 0.11 ms, rest
+  0.24 ms. (Runs before this script favoured byte tokens drew "<filler_N>" tokens, which cost
+  the detokenizer ~4x a real token: 0.81 ms then.);
+- the default model's tokenizer on real text: 0.86 us a token through DecodeStream, 1.8 us
+  through the window path (two decodes from Python) it falls back to;
 - sampling with temperature 0.8 / top_p 0.9 at the default model's vocabulary (49152, random
-  logits) costs 0.40 ms for one row and 0.20 ms a row at batch 16 and 64 (the C++ sampler's rows
+  logits) costs 0.39 ms for one row and 0.20 ms a row at batch 16 and 64 (the C++ sampler's rows
   share the two cores); the sort-based sampler before it took 4.1 ms a row (0.28 s for 64).
-The machine is shared: back-to-back runs gave 1.0 to 1.6 ms at batch 64, every part slower
+The machine is shared: back-to-back runs vary by up to 1.5x at batch 64, every part slower
 by the same factor in the slow ones; the committed run is a quiet one.
 On CUDA the engine samples with kernels/sampling.py (sample_with_kernel) instead of the C++
 sampler, and its host cost (small tensors to the device, one launch, a sync) is not measured here;
