@@ -106,7 +106,7 @@ bool avx2_usable() {
   return ok;
 }
 
-// The AVX-512 kernels hand M > 2 to the AVX2 ones, so they need AVX2 too.
+// AVX-512 is taken only along with AVX2, FMA and F16C (which the AVX-512 file is built with too).
 bool avx512_usable() {
   static const bool ok = avx2_usable() && cpu_features().avx512;
   return ok;
