@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from itertools import chain, count
+from pathlib import Path
 from typing import Iterator, Sequence as Seq
 
 import torch
@@ -170,6 +171,9 @@ class Engine:
         if is_gguf_file(model):
             stat = model.source.stat()
             key["model_file"] = [stat.st_size, stat.st_mtime_ns]
+        # A rebuilt native module (new kernels) times differently under the same version number.
+        core = Path(_core.__file__).stat()
+        key["core_build"] = [core.st_size, core.st_mtime_ns]
         return load_or_measure(self.ladder.programs, self.programs.run_scratch, self.max_model_len, key,
                                lockstep_home() / "costs", force=self.config.calibrate == "measure")
 
