@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "fast_exp.h"
 #include "thread_pool.h"
 
 namespace lockstep::cpu {
@@ -15,32 +16,6 @@ namespace {
 
 constexpr std::uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
 constexpr std::uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-
-// exp(x) for x <= 0 in plain arithmetic that the compiler vectorizes (std::exp is a libm call
-// per element, ~12 ns: most of a sampled row's time at 49152 tokens). x = n ln2 + r with
-// |r| <= ln2 / 2; exp(r) by its Taylor series to r^7, whose truncation (< 1e-8 relative) is
-// below float rounding; then scaled by 2^n through the exponent bits. Below -87 (where
-// exp leaves float's normal range) it gives 0, as does -inf. Within 2 ulp of std::exp.
-inline float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.0f);
-  // Round to nearest by the 1.5 * 2^23 trick: exact for |t| < 2^22, and no libm call.
-  constexpr float kRound = 12582912.0f;
-  const float n = (clamped * 1.44269504f + kRound) - kRound;
-  const float r = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln2 hi + lo
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const std::int32_t bits = (static_cast<std::int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  const float result = p * scale;  // computed either way, so the select below needs no branch
-  return x < -87.0f ? 0.0f : result;
-}
 
 // A token in the order every filter cuts (x descending, ties by id), packed so that order is
 // one integer comparison: key = (x's bits mapped to descending unsigned order) << 32 | id,
