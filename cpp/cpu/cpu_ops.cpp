@@ -12,7 +12,8 @@
 //
 // Attention, per (sequence, query, head), with n visible keys:
 //   1. s_j = dot8(q, k_j) * scale, j = 0..n-1;
-//   2. m = max_j s_j;  p_j = expf(s_j - m);  l = p_0 + p_1 + ... + p_{n-1}, left to right;
+//   2. m = max_j s_j;  p_j = exp(s_j - m) by fast_exp.h's exp_nonpositive (within 2 ulp of
+//      expf, and the same on every CPU);  l = p_0 + p_1 + ... + p_{n-1}, left to right;
 //   3. acc = 0; acc[d] += p_j * v_j[d] for j = 0..n-1 in order;  out[d] = acc[d] / l.
 // It reads only that sequence's query and context, so a sequence's output does not depend on
 // the others in the step. Threads split the work by whole (sequence, head) pairs, so the thread
@@ -35,40 +36,39 @@ namespace {
 
 constexpr int kLanes = 8;
 
-// Four fp32 lanes as one GCC/Clang vector (an SSE register on x86-64, NEON on Arm): lane-wise
-// + and * are exactly the scalar ops, one lane each, so this only spells out the order above.
-typedef float Lanes4 __attribute__((vector_size(4 * sizeof(float))));
+// Eight and sixteen fp32 lanes as one GCC/Clang vector: on baseline x86-64 the compiler runs
+// them as two or four SSE registers (NEON on Arm), in attend()'s AVX2 and AVX-512 clones as
+// one ymm or zmm. Lane-wise + and * are exactly the scalar ops, one lane each (no contraction:
+// -ffp-contract=off), so they only spell out the order above, and every clone gives the same
+// bits.
+typedef float Lanes8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float Lanes16 __attribute__((vector_size(16 * sizeof(float))));
 
-Lanes4 load4(const float* p) {
-  Lanes4 v;
+template <class V>
+[[gnu::always_inline]] inline V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
 // out[r] = dot8(a, b[r], n) for R vectors b[r] at once: R independent chains keep the adder
-// busy where one short dot product would wait on its own latency. Each out[r] is exactly dot8:
-// lanes 0-3 live in lo[r], lanes 4-7 in hi[r].
+// busy where one short dot product would wait on its own latency. Each out[r] is exactly dot8.
 template <int R>
-void dot8_rows(const float* a, const float* const* b, std::int64_t n, float* out) {
-  Lanes4 lo[R], hi[R];
-  for (int r = 0; r < R; ++r) lo[r] = hi[r] = Lanes4{};
+[[gnu::always_inline]] inline void dot8_rows(const float* a, const float* const* b, std::int64_t n,
+                                             float* out) {
+  Lanes8 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = Lanes8{};
   std::int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    const Lanes4 x0 = load4(a + i), x1 = load4(a + i + 4);
-    for (int r = 0; r < R; ++r) {
-      lo[r] += x0 * load4(b[r] + i);
-      hi[r] += x1 * load4(b[r] + i + 4);
-    }
+    const Lanes8 x = load<Lanes8>(a + i);
+    for (int r = 0; r < R; ++r) acc[r] += x * load<Lanes8>(b[r] + i);
   }
   for (int j = 0; i < n; ++i, ++j) {
-    for (int r = 0; r < R; ++r) {
-      if (j < 4) lo[r][j] += a[i] * b[r][i];
-      else hi[r][j - 4] += a[i] * b[r][i];
-    }
+    for (int r = 0; r < R; ++r) acc[r][j] += a[i] * b[r][i];
   }
   for (int r = 0; r < R; ++r) {
-    const Lanes4 l = lo[r], h = hi[r];
-    out[r] = ((l[0] + h[0]) + (l[2] + h[2])) + ((l[1] + h[1]) + (l[3] + h[3]));
+    const Lanes8 v = acc[r];
+    out[r] = ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
   }
 }
 
@@ -81,21 +81,15 @@ float dot8(const float* a, const float* b, std::int64_t n) {
 // o[d] = (p[0] v_0[d] + p[1] v_1[d] + ... + p[n-1] v_{n-1}[d]) / l, adding from +0.0f in
 // increasing j, where v_j = v + slots[j] * row. Sixteen d at a time stay in registers through
 // the whole sum; the order per d is the same.
-void weighted_values(const float* p, std::int64_t n, const float* v, const std::int64_t* slots,
-                     std::int64_t row, std::int64_t D, float l, float* o) {
+[[gnu::always_inline]] inline void weighted_values(const float* p, std::int64_t n, const float* v,
+                                                   const std::int64_t* slots, std::int64_t row,
+                                                   std::int64_t D, float l, float* o) {
   std::int64_t d = 0;
   for (; d + 16 <= D; d += 16) {
-    Lanes4 a0{}, a1{}, a2{}, a3{};
-    for (std::int64_t j = 0; j < n; ++j) {
-      const float* vj = v + slots[j] * row + d;
-      const Lanes4 pj = Lanes4{} + p[j];
-      a0 += pj * load4(vj);
-      a1 += pj * load4(vj + 4);
-      a2 += pj * load4(vj + 8);
-      a3 += pj * load4(vj + 12);
-    }
-    const Lanes4 r[4] = {a0 / l, a1 / l, a2 / l, a3 / l};
-    std::memcpy(o + d, r, sizeof r);
+    Lanes16 a{};
+    for (std::int64_t j = 0; j < n; ++j) a += (Lanes16{} + p[j]) * load<Lanes16>(v + slots[j] * row + d);
+    const Lanes16 r = a / l;
+    std::memcpy(o + d, &r, sizeof r);
   }
   for (; d < D; ++d) {
     float a = 0.0f;
@@ -144,7 +138,12 @@ void expand_slots(const std::int32_t* table, std::int64_t block_size, std::int64
 }
 
 // One (sequence, head): every query of the sequence, its keys and values from kv head `g`.
-// Query rows [start, start + len), context positions at slots[0..ctx).
+// Query rows [start, start + len), context positions at slots[0..ctx). Built three times, for
+// AVX-512, AVX2 and baseline x86-64, and picked when the module loads (GCC's target_clones):
+// the lane vectors above are then one register wide, and the bits are the same in each.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 void attend(const Heads& q, const float* k_cache, const float* v_cache, std::int64_t kv_heads,
             std::int64_t start, std::int64_t len, std::int64_t ctx, const std::int64_t* slots,
             std::int64_t h, float scale, float* out, std::vector<float>& scores) {
