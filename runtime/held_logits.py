@@ -43,8 +43,8 @@ class HeldLogits:
         self._refs[slot] += 1
 
     def release(self, slot: int) -> None:
+        if self._refs[slot] <= 0:  # checked first: a second release must not free the slot twice
+            raise RuntimeError(f"held logits slot {slot} released more often than held")
         self._refs[slot] -= 1
         if self._refs[slot] == 0:
             self._free.append(slot)
-        elif self._refs[slot] < 0:
-            raise RuntimeError(f"held logits slot {slot} released more often than held")

@@ -7,6 +7,7 @@ first token after commit must come from a step that runs no forward.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lockstep.runtime.sampling_params import SamplingParams
@@ -173,3 +174,20 @@ def test_held_logits_off_plans_no_rows_and_commit_recomputes(make_engine) -> Non
     engine.run_until_done([seq])
     assert forwards[0] == len(reference.output_ids)  # the first token needed a forward too
     assert seq.output_ids == reference.output_ids and seq.output_logprobs == reference.logprobs
+
+
+def test_a_slot_is_freed_once_its_last_reader_releases_it_and_never_twice() -> None:
+    from lockstep.runtime.held_logits import HeldLogits
+
+    held = HeldLogits(2, 8, torch.device("cpu"))
+    row = torch.randn(8)
+    slot = held.hold(row)
+    assert torch.equal(held.rows[slot], row) and held.num_free == 1
+    held.share(slot)
+    held.release(slot)
+    assert held.num_free == 1  # a fork still reads it
+    held.release(slot)
+    assert held.num_free == 2
+    with pytest.raises(RuntimeError, match="released more often"):
+        held.release(slot)
+    assert held.num_free == 2
