@@ -128,8 +128,7 @@ class AsyncEngine:
                 raise OverloadedError(f"{self.max_waiting} requests are already waiting; retry later")
             seq = self.engine.add_request(prompt, params, generate=generate)
             self._streams[seq.seq_id] = self._unclaimed[seq.seq_id] = stream
-            for observer in self.observers:
-                observer.on_added(seq, now)
+            self._notify("on_added", seq, now)
             return seq
 
         future: Future = Future()
@@ -155,7 +154,7 @@ class AsyncEngine:
                 yield out
         finally:
             if not finished:  # the caller went away: stop generating for it
-                self._submit(lambda: self._abandon(seq_id), Future())
+                self.release(seq_id)
 
     async def generate(self, prompt: str | Seq[int], params: SamplingParams) -> AsyncIterator[SeqOutput]:
         """Queues a request and yields its outputs as they come, the finished one last.
@@ -186,12 +185,17 @@ class AsyncEngine:
             children = self.engine.fork(seq_id, n)
             for child, stream in zip(children, streams):
                 self._streams[child.seq_id] = self._unclaimed[child.seq_id] = stream
-            now = time.perf_counter()
-            for observer in self.observers:
-                observer.on_forked(parent, children, now)
+            self._notify("on_forked", parent, children, time.perf_counter())
             if commit:
-                for seq in [parent, *children]:
-                    self.engine.commit(seq.seq_id)
+                try:
+                    for seq in [parent, *children]:
+                        self.engine.commit(seq.seq_id)
+                except LockstepError:
+                    # Nobody will read forks the caller never got: end them now (the parent is
+                    # the caller's, which it releases), so no KV stays held by an error.
+                    for child in children:
+                        self._abandon(child.seq_id)
+                    raise
             return [(child, list(child.token_ids)) for child in children] if with_tokens else children
         return fork
 
@@ -202,10 +206,14 @@ class AsyncEngine:
             await asyncio.sleep(0.001)  # prefill still running; re-check between steps
         return await self.fork(seq_id, n, commit=True)
 
+    def release(self, seq_id: int) -> None:
+        """The caller will not read this sequence (its request failed or left before it did):
+        cancel it at the next step and drop its stream. Returns at once; any thread."""
+        self._submit(lambda: self._abandon(seq_id), Future())
+
     def _cancel_if_added(self, future: Future) -> None:
         if not future.cancelled() and future.exception() is None:
-            seq_id = getattr(future.result(), "seq_id", future.result())
-            self._submit(lambda: self._abandon(seq_id), Future())
+            self.release(getattr(future.result(), "seq_id", future.result()))
 
     def _abandon(self, seq_id: int) -> None:
         """Nobody listens to this sequence any more (engine thread): cancel it, drop its stream."""
@@ -229,14 +237,17 @@ class AsyncEngine:
                     outputs = engine.step()
                 except Exception as exc:  # noqa: BLE001 - a bug in a step must not hang every client
                     log.exception("engine step raised outside the forward; failing every live request")
-                    outputs = engine.finish_all(FinishReason.ERROR, f"{type(exc).__name__}: {exc}")
-                seconds = time.perf_counter() - t0
-                for observer in self.observers:
-                    observer.on_step(engine, seconds)
+                    outputs = engine.fail_step(f"{type(exc).__name__}: {exc}")
+                self._notify("on_step", engine, time.perf_counter() - t0)
                 self._dispatch(outputs)
             self._dispatch(engine.finish_all(FinishReason.CANCELLED))
-        except BaseException:
+        except BaseException as exc:
             log.exception("the engine thread failed; the server cannot generate until it restarts")
+            # Every stream still open gets its one terminal output, so no caller waits forever.
+            try:
+                self._dispatch(engine.fail_step(f"the engine thread failed: {type(exc).__name__}: {exc}"))
+            except Exception:  # noqa: BLE001 - already failing; the first error is the one raised
+                log.exception("could not end the live streams")
             raise
         finally:
             self._stop.set()
@@ -275,8 +286,7 @@ class AsyncEngine:
         now = time.perf_counter()
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, SeqOutput]]] = {}
         for out in outputs:
-            for observer in self.observers:
-                observer.on_output(out, now)
+            self._notify("on_output", out, now)
             stream = self._streams.get(out.seq_id)
             if stream is None:
                 continue
@@ -289,6 +299,16 @@ class AsyncEngine:
             except RuntimeError:  # the caller's event loop is closed: nobody will read these
                 for seq_id in dict.fromkeys(out.seq_id for _, out in deliveries):
                     self._abandon(seq_id)
+
+
+    def _notify(self, event: str, *args) -> None:
+        """Tells every observer of an event. An observer's bug is logged, never raised: metrics or
+        the request log must not stop the engine thread, or a stream from getting its outputs."""
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:  # noqa: BLE001 - see above
+                log.exception("observer %s failed on %s; serving goes on", type(observer).__name__, event)
 
 
 def _deliver(deliveries: list[tuple[asyncio.Queue, SeqOutput]]) -> None:

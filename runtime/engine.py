@@ -144,6 +144,7 @@ class Engine:
         self._ready: dict[int, Sequence] = {}  # committed, to sample from held logits next step
         self.last_step: ScheduledStep | None = None
         self.last_error: str | None = None  # the latest failed step's error, for logs and tests
+        self._step_outputs: list[SeqOutput] = []  # the current step's outputs so far (fail_step)
         log.info("engine: %s backend on %s", self.backend, self.device)
         log.info("engine: %d KV blocks of %d tokens (%d tokens), max_model_len %d, %d torch threads",
                  self.kv.num_blocks, self.kv.block_size, self.kv.capacity_tokens, self.max_model_len,
@@ -197,8 +198,8 @@ class Engine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidRequestError("the prompt is empty")
-        self._check_ids(ids)
-        self._check_ids(params.stop_token_ids, what="stop token id")
+        self.check_token_ids(ids)
+        self.check_token_ids(params.stop_token_ids, what="stop token id")
         self._check_length(len(ids), params.max_tokens if generate else 0)
         seq = Sequence(
             seq_id=next(self._ids), params=params, token_ids=ids, num_prompt_tokens=len(ids),
@@ -212,7 +213,9 @@ class Engine:
         self.scheduler.add(seq)
         return seq
 
-    def _check_ids(self, ids: Seq[int], what: str = "token id") -> None:
+    def check_token_ids(self, ids: Seq[int], what: str = "token id") -> None:
+        """Raises InvalidRequestError naming the first id that is not in the vocabulary (pure:
+        any thread may call it)."""
         vocab = self.model_config.vocab_size
         bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
@@ -280,7 +283,7 @@ class Engine:
         """Adds input to a live sequence; it is prefilled in the coming steps (incremental prefill)."""
         seq = self._live(seq_id)
         ids = self.tokenizer.encode(tokens, add_bos=False) if isinstance(tokens, str) else list(tokens)
-        self._check_ids(ids)
+        self.check_token_ids(ids)
         self._check_length(seq.num_tokens + len(ids), 0)
         self._drop_held(seq)
         if seq.output_ids:
@@ -293,7 +296,7 @@ class Engine:
         """Starts generating from everything the sequence holds (e.g. after incremental input)."""
         seq = self._live(seq_id)
         if params is not None:
-            self._check_ids(params.stop_token_ids, what="stop token id")
+            self.check_token_ids(params.stop_token_ids, what="stop token id")
             seq.params = params
             seq.stop_ids = self._stop_ids(params)
             if params.seed is not None:
@@ -369,8 +372,24 @@ class Engine:
         return any(s.cancel_requested for s in self.seqs.values()) \
             or any(not s.paused for s in self._ready.values()) or self.scheduler.has_work()
 
+    def fail_step(self, error: str) -> list[SeqOutput]:
+        """After step() raised outside the forward: the outputs that step had already made (its
+        cancels and finishes, which have left `seqs`), then every live sequence ended with an
+        error, so each still has exactly one terminal output."""
+        made, self._step_outputs = self._step_outputs, []
+        return made + self.finish_all(FinishReason.ERROR, error)
+
     def step(self) -> list[SeqOutput]:
+        """Runs one step; returns its outputs (tokens, text, finishes) in order."""
+        # The list is also kept on the engine while the step runs, so that fail_step() can hand
+        # out what a step that raised had already made.
         outputs: list[SeqOutput] = []
+        self._step_outputs = outputs
+        self._step(outputs)
+        self._step_outputs = []
+        return outputs
+
+    def _step(self, outputs: list[SeqOutput]) -> None:
         for seq in [s for s in self.seqs.values() if s.cancel_requested]:
             outputs.append(self._finish(seq, FinishReason.CANCELLED))
         ready = self._take_ready()
@@ -378,13 +397,13 @@ class Engine:
             # Committed sequences whose first token needs no forward: sampled now, in a step of
             # their own, so that token is out before the next forward rather than after it.
             self.last_step = None
-            outputs.extend(self._sample(ready, self.held.rows[torch.tensor([s.held_slot for s in ready],
-                                                                             device=self.held.rows.device)]))
-            return outputs
+            self._sample(ready, self.held.rows[torch.tensor([s.held_slot for s in ready],
+                                                            device=self.held.rows.device)], outputs)
+            return
         step = self.scheduler.schedule()
         self.last_step = step
         if step is None:
-            return outputs
+            return
 
         logit_rows: list[int] = []
         prompt_lp: list[tuple[Sequence, int, int, int]] = []  # (seq, logits index, position, count)
@@ -415,15 +434,14 @@ class Engine:
             self.last_error = f"{type(exc).__name__}: {exc}"
             for item in step.items:
                 outputs.append(self._finish(item.seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
-            return outputs
+            return
         self._advance(step)
         self._record_prompt_logprobs(logits, prompt_lp)
         for seq, index in to_hold:
             seq.held_slot = self.held.hold(logits[index])
         if to_sample:
-            outputs.extend(self._sample([s for s, _ in to_sample],
-                                        logits[torch.tensor([i for _, i in to_sample], device=logits.device)]))
-        return outputs
+            self._sample([s for s, _ in to_sample],
+                         logits[torch.tensor([i for _, i in to_sample], device=logits.device)], outputs)
 
     def _take_ready(self) -> list[Sequence]:
         """The committed sequences that sample from held logits now: not paused, and still at the
@@ -443,9 +461,9 @@ class Engine:
                 self._ensure_logits_pending(seq)
         return ready
 
-    def _sample(self, seqs: list[Sequence], rows: torch.Tensor) -> list[SeqOutput]:
-        """Samples each sequence's next token from its row of logits and takes it in."""
-        outputs: list[SeqOutput] = []
+    def _sample(self, seqs: list[Sequence], rows: torch.Tensor, outputs: list[SeqOutput]) -> None:
+        """Samples each sequence's next token from its row of logits, takes it in and appends the
+        outputs to `outputs` (the step's own list, so a finish is never lost if a later one raises)."""
         sampled: list[Sequence] = []
         keep: list[int] = []
         for i, seq in enumerate(seqs):
@@ -457,15 +475,15 @@ class Engine:
                 sampled.append(seq)
                 keep.append(i)
         if not sampled:
-            return outputs
+            return
         if len(keep) < len(seqs):
             rows = rows[torch.tensor(keep, device=rows.device)]
         choose = sample_with_kernel if self.backend == "triton" else sample
         rows = rows if self.backend == "triton" else rows.cpu()  # the C++ sampler reads host memory
         result = choose(rows, [s.params for s in sampled], [(s.seed, len(s.token_ids), s.branch) for s in sampled],
                         [self._banned_tokens(s) for s in sampled])
-        outputs.extend(map(self._accept_token, sampled, result.token_ids, result.logprobs, result.top_logprobs))
-        return outputs
+        for seq, token, logprob, top in zip(sampled, result.token_ids, result.logprobs, result.top_logprobs):
+            outputs.append(self._accept_token(seq, token, logprob, top))
 
     def _run_step(self, step: ScheduledStep, logit_rows: list[int]) -> torch.Tensor:
         """Plans the step into the workspace (one C++ call) and runs its program; logits [R, vocab]."""
