@@ -27,6 +27,13 @@ def build_server(engine: Engine, model_name: str, api_key: str | None = None, ma
     return async_engine, OpenAIServer(async_engine, model_name, api_key=api_key, metrics=metrics, strict=strict)
 
 
+def curl_example(host: str, port: int, with_key: bool) -> str:
+    """A chat request to paste into a shell (the key is read from the environment, never printed)."""
+    key = ' -H "Authorization: Bearer $LOCKSTEP_API_KEY"' if with_key else ""
+    body = '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}'
+    return f"curl -s http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'"
+
+
 def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_waiting: int = 256, grpc_port: int = 50051, strict: bool = False, log_requests: bool = False) -> int:
     async_engine, server = build_server(engine, model_name, api_key, max_waiting, strict, log_requests)
@@ -40,7 +47,8 @@ def serve(engine: Engine, model_name: str, host: str = "127.0.0.1", port: int = 
 
         grpc_server = await serve_grpc(async_engine, host=host, port=grpc_port, api_key=api_key)
         print(f"lockstep: serving {model_name} on http://{host}:{port}/v1 (metrics at /metrics) and gRPC "
-              f"{host}:{grpc_server.bound_port}", flush=True)
+              f"{host}:{grpc_server.bound_port}\ntry it:\n  {curl_example(host, port, api_key is not None)}",
+              flush=True)
         try:
             await uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning")).serve()
         finally:

@@ -7,13 +7,18 @@ Every error is OpenAI's JSON shape with the matching status (400, 401, 404, 413,
 no traceback reaches a client. A client that disconnects mid-stream cancels its request at
 the next step and frees its blocks (runtime/async_engine.py).
 
+A client that disconnects from a whole (non-streamed) answer cancels it the same way: the
+handler watches the connection while it waits.
+
 Extension fields (vLLM's names where vLLM has them): `latency_class` ("interactive" or
-"batch") and `priority` (a synonym: "batch" or "interactive"), `itl_target_ms`, `ignore_eos`,
-`min_tokens`, `top_k`, `min_p`, `return_token_ids`.
+"batch"); `priority`, either the same two words or vLLM's integer (lower is more urgent: 0 or
+less is interactive, above 0 is batch); `itl_target_ms`, `ignore_eos`, `min_tokens`, `top_k`,
+`min_p`, `return_token_ids`.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -23,6 +28,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine, EngineStoppedError, OverloadedError
 from .errors import CapacityError, InvalidRequestError, LockstepError
@@ -107,7 +113,8 @@ class OpenAIServer:
         @app.middleware("http")
         async def guard(request: Request, call_next):
             if request.url.path.startswith("/v1/") and self.api_key is not None:
-                if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):  # constant time
                     return error_response(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
                                           "authentication_error")
             try:
@@ -119,6 +126,17 @@ class OpenAIServer:
         @app.exception_handler(HTTPError)
         async def http_error(_: Request, exc: HTTPError):
             return error_response(exc.status, exc.message, exc.type, exc.param)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def routing_error(_: Request, exc: StarletteHTTPException):
+            # An unknown path (404) or a wrong method (405): OpenAI's shape too, not FastAPI's.
+            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            return error_response(exc.status_code, f"{exc.detail}: see the README for lockstep's endpoints", kind)
+
+        @app.exception_handler(ClientDisconnected)
+        async def client_left(request: Request, _: ClientDisconnected):
+            log.debug("client left before its answer to %s; its request is cancelled", request.url.path)
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
 
         @app.exception_handler(LockstepError)
         async def lockstep_error(_: Request, exc: LockstepError):
@@ -163,10 +181,19 @@ class OpenAIServer:
     # --- requests --------------------------------------------------------------------------------
 
     async def _body(self, request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > self.limits.max_body_bytes:
-            raise HTTPError(413, f"request body of {len(raw)} bytes exceeds the {self.limits.max_body_bytes}-byte "
-                                 "limit")
+        limit = self.limits.max_body_bytes
+        too_large = f"the request body exceeds the {limit}-byte limit"
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise HTTPError(413, too_large)  # refused before a byte of it is read
+        # Read in pieces so a body sent without (or with a false) Content-Length stops at the limit.
+        pieces, size = [], 0
+        async for piece in request.stream():
+            size += len(piece)
+            if size > limit:
+                raise HTTPError(413, too_large)
+            pieces.append(piece)
+        raw = b"".join(pieces)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -203,16 +230,19 @@ class OpenAIServer:
                 stop = [stop]
             if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
                 raise HTTPError(400, "'stop' must be a string or a list of strings", param="stop")
-            values["stop"] = stop
+            values["stop"] = [_text(s, "stop") for s in stop]
         stop_ids = body.get("stop_token_ids")
         if stop_ids is not None:
             if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
                 raise HTTPError(400, "'stop_token_ids' must be a list of token ids", param="stop_token_ids")
             values["stop_token_ids"] = stop_ids
         latency = body.get("latency_class", body.get("priority"))
+        if isinstance(latency, int) and not isinstance(latency, bool) and "latency_class" not in body:
+            latency = "interactive" if latency <= 0 else "batch"  # vLLM's priority: lower is sooner
         if latency is not None:
             if latency not in ("interactive", "batch"):
-                raise HTTPError(400, "'latency_class' (or 'priority') must be 'interactive' or 'batch'",
+                raise HTTPError(400, "'latency_class' must be 'interactive' or 'batch' ('priority' also takes "
+                                     "vLLM's integer: 0 or less is interactive, above 0 batch)",
                                 param="latency_class")
             values["latency_class"] = latency
         if chat:
@@ -245,8 +275,12 @@ class OpenAIServer:
         if isinstance(prompt, str):
             if not prompt:
                 raise HTTPError(400, "'prompt' must not be empty", param="prompt")
-            return self.tokenizer.encode(prompt), prompt
+            return self.tokenizer.encode(_text(prompt, "prompt")), prompt
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            try:
+                self.engine.engine.check_token_ids(prompt)  # before decoding them for echo
+            except InvalidRequestError as exc:
+                raise HTTPError(400, f"'prompt': {exc}", param="prompt") from None
             return list(prompt), self.tokenizer.decode(prompt, skip_special_tokens=False)
         raise HTTPError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)",
                         param="prompt")
@@ -265,17 +299,86 @@ class OpenAIServer:
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         echo = not chat and _field(body, "echo", bool, False)
         return_ids = _field(body, "return_token_ids", bool, False)
-        seqs = await self._start(ids, params, n)
         reply = _Reply(self, chat, ids, prompt_text if echo else "", params, return_ids)
         if stream:
-            return StreamingResponse(reply.sse(seqs, include_usage), media_type="text/event-stream")
-        return await reply.whole(seqs)
+            # StreamingResponse watches the connection itself once it streams; until then (an
+            # n > 1 prompt is prefilled before its forks exist), this handler does.
+            seqs = await until_disconnected(request, self._start(ids, params, n))
+            return _EventStream(reply.sse(seqs, include_usage), lambda: reply.release_unfinished(seqs))
+        return await until_disconnected(request, self._start_and_collect(reply, ids, params, n))
+
+    async def _start_and_collect(self, reply: _Reply, ids: list[int], params: SamplingParams, n: int) -> JSONResponse:
+        seqs = await self._start(ids, params, n)
+        try:
+            return await reply.whole(seqs)
+        except BaseException:  # the client left (cancelled) or a bug: no sequence may run on unread
+            reply.release_unfinished(seqs)
+            raise
 
     async def _start(self, ids: list[int], params: SamplingParams, n: int) -> list:
         if n == 1:
             return [await self.engine.open_sequence(ids, params)]
         parent = await self.engine.open_sequence(ids, params, generate=False)
-        return [parent, *await self.engine.fork_and_commit(parent.seq_id, n - 1)]
+        try:
+            return [parent, *await self.engine.fork_and_commit(parent.seq_id, n - 1)]
+        except BaseException:
+            # The request failed (a fork's commit refused it) or its client left: nobody will
+            # read the prefilled parent, so it must not keep its KV blocks.
+            self.engine.release(parent.seq_id)
+            raise
+
+
+class _EventStream(StreamingResponse):
+    """SSE whose sequences are released however the response ends. Starlette may cancel a
+    stream before its generator ever runs (the client left at once), and then no `finally` in
+    the generator runs: this one does."""
+
+    def __init__(self, events: AsyncIterator[str], release) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+async def until_disconnected(request: Request, work):
+    """Runs `work` (a coroutine) unless the client disconnects first; then cancels it (which
+    cancels its sequences at the next step, async_engine.outputs) and raises ClientDisconnected.
+    The body has been read by now, so the next ASGI message can only be the disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        watcher.cancel()
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _text(value: str, param: str) -> str:
+    """A JSON string may carry an unpaired surrogate escape ("\\ud800"): no UTF-8 text holds one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HTTPError(400, f"'{param}' is not valid Unicode text: {exc.reason} at character {exc.start}",
+                        param=param) from None
+    return value
 
 
 def normalize_messages(messages: list) -> list[dict[str, Any]]:
@@ -291,8 +394,14 @@ def normalize_messages(messages: list) -> list[dict[str, Any]]:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if content is None:
             content = ""
+        if not isinstance(content, str):
+            raise HTTPError(400, f"messages[{i}].content must be a string or a list of text parts, got "
+                                 f"{type(content).__name__}", param="messages")
+        content = _text(content, f"messages[{i}].content")
         role = message.get("role")
-        if merged and merged[-1]["role"] == role and isinstance(content, str):
+        if not isinstance(role, str) or not role:
+            raise HTTPError(400, f"messages[{i}].role must be a non-empty string", param="messages")
+        if merged and merged[-1]["role"] == role:
             merged[-1]["content"] += "\n" + content
         else:
             merged.append({"role": role, "content": content})
@@ -306,6 +415,7 @@ class _Reply:
                  params: SamplingParams, return_ids: bool) -> None:
         self.server, self.chat, self.prompt_ids = server, chat, prompt_ids
         self.echo_text, self.params, self.return_ids = echo_text, params, return_ids
+        self.finished: set[int] = set()  # sequences whose terminal output has come
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.tokenizer = server.tokenizer
@@ -367,7 +477,15 @@ class _Reply:
                 "text_offset": []}
 
     async def _collect(self, seq_id: int) -> list[SeqOutput]:
-        return [out async for out in self.server.engine.outputs(seq_id)]
+        outs = [out async for out in self.server.engine.outputs(seq_id)]
+        self.finished.add(seq_id)
+        return outs
+
+    def release_unfinished(self, seqs: list) -> None:
+        """Cancels every sequence of this reply that has not ended (a no-op for the rest)."""
+        for seq in seqs:
+            if seq.seq_id not in self.finished:
+                self.server.engine.release(seq.seq_id)
 
     async def sse(self, seqs: list, include_usage: bool) -> AsyncIterator[str]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -395,6 +513,8 @@ class _Reply:
                     yield f"data: {json.dumps({'error': {'message': f'generation failed: {out.error}', 'type': 'internal_error', 'param': None, 'code': 500}})}\n\n"
                 finish = FINISH[out.finish_reason] if out.finished else None
                 remaining -= out.finished
+                if out.finished:
+                    self.finished.add(out.seq_id)
                 if not out.text and finish is None and self.params.logprobs is None and not self.return_ids:
                     continue  # a token whose text is still held back: nothing to send yet
                 logprobs = self._logprobs([out]) if out.token_id is not None else None

@@ -185,3 +185,64 @@ def test_a_step_wakes_the_callers_loop_once_whatever_the_number_of_streams(make_
     assert all(outs[-1].finished and sum(o.finished for o in outs) == 1 for outs in results)
     engine_wakeups = [w for w in wakeups if getattr(w, "__name__", "") == "_deliver"]
     assert len(engine_wakeups) <= counter.steps < delivered, (len(engine_wakeups), counter.steps, delivered)
+
+
+def test_a_step_that_raises_outside_the_forward_still_ends_each_request_once(make_engine) -> None:
+    """A cancel applied in a step that then raises (here: the scheduler) has already left the
+    engine's live sequences; fail_step still hands out its terminal output, then ends the rest
+    with an error. Through the AsyncEngine, each stream gets exactly one terminal output."""
+    engine = make_engine()
+    cancelled = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    running = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.cancel(cancelled.seq_id)
+
+    def broken():
+        raise RuntimeError("scheduler bug")
+    engine.scheduler.schedule = broken
+    with pytest.raises(RuntimeError, match="scheduler bug"):
+        engine.step()
+    ends = {o.seq_id: o.finish_reason for o in engine.fail_step("RuntimeError: scheduler bug") if o.finished}
+    assert ends == {cancelled.seq_id: FinishReason.CANCELLED, running.seq_id: FinishReason.ERROR}
+    assert not engine.seqs and engine.kv.allocator.num_sequences() == 0
+    assert engine.fail_step("again") == [], "a step's outputs are handed out once"
+
+    served = AsyncEngine(make_engine()).start()
+    calls = 0
+
+    def breaks_on_the_third_step(schedule=served.engine.scheduler.schedule):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("scheduler bug")
+        return schedule()
+    served.engine.scheduler.schedule = breaks_on_the_third_step
+    try:
+        async def both():
+            return await asyncio.gather(*(collect(served, p, SamplingParams(max_tokens=50, ignore_eos=True))
+                                          for p in PROMPTS[:2]))
+        results = asyncio.run(asyncio.wait_for(both(), 30))
+        assert all(sum(o.finished for o in outs) == 1 and outs[-1].finish_reason is FinishReason.ERROR
+                   for outs in results)
+        assert asyncio.run(collect(served, PROMPTS[2], SamplingParams(max_tokens=3)))[-1].finished, \
+            "the engine serves on"
+    finally:
+        served.shutdown()
+
+
+def test_an_observer_that_raises_stops_nothing(make_engine) -> None:
+    """A bug in metrics (or the request log) is logged; streams still get every output."""
+    class Broken:
+        def on_added(self, *event) -> None:
+            raise ValueError("observer bug")
+
+        on_forked = on_step = on_output = on_added
+
+    alone = make_engine().generate([PROMPTS[3]], params(3))[0]
+    served = AsyncEngine(make_engine(), observers=[Broken()]).start()
+    try:
+        outs = asyncio.run(asyncio.wait_for(collect(served, PROMPTS[3], params(3)), 30))
+    finally:
+        served.shutdown()
+    assert [o.token_id for o in outs if o.token_id is not None] == alone.output_ids
+    assert sum(o.finished for o in outs) == 1 and outs[-1].finished

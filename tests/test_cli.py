@@ -111,3 +111,16 @@ def test_cpu_kernel_choice_is_logged_and_both_give_the_same_greedy_text(default_
 def test_options_that_cannot_work_are_refused_in_one_line() -> None:
     assert_one_line_error(lockstep("generate", "--weights", "quantized", "hi"), "needs --backend triton")
     assert_one_line_error(lockstep("generate", "--attention", "cuda", "hi"), "--attention cuda")
+
+
+def test_serve_binds_loopback_and_reads_its_key_from_the_environment(monkeypatch) -> None:
+    from lockstep.runtime.cli import build_parser
+
+    monkeypatch.delenv("LOCKSTEP_API_KEY", raising=False)
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.grpc_port, args.api_key) == ("127.0.0.1", 8000, 50051, None)
+    monkeypatch.setenv("LOCKSTEP_API_KEY", "from-env")
+    assert build_parser().parse_args(["serve"]).api_key == "from-env"
+    assert build_parser().parse_args(["serve", "--api-key", "flag"]).api_key == "flag"
+    monkeypatch.setenv("LOCKSTEP_API_KEY", "")
+    assert build_parser().parse_args(["serve"]).api_key is None, "an empty variable means no key"

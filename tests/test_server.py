@@ -7,6 +7,7 @@ the right status, and the server must keep serving after every one.
 """
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -99,6 +100,90 @@ def test_n3_forks_and_seeded_reproducibility(client, server) -> None:
     assert server["engine"].kv.allocator.num_sequences() == 0
 
 
+def test_token_id_prompt_stop_and_every_sampling_field(client, reference) -> None:
+    """A prompt of token ids, sampled with top_k, top_p, min_p and a seed, cut by a stop string:
+    the engine's own answer to the same request. The stop string is taken from the answer without
+    it, so it must cut there."""
+    ids = reference.tokenizer.encode("Once upon a time, in a small village,")
+    sp = dict(temperature=0.9, top_k=5, top_p=0.9, min_p=0.05, seed=11, max_tokens=24, ignore_eos=True)
+    whole = reference.generate([ids], SamplingParams(**sp))[0]
+    stop = whole.text.split()[3]
+    want = reference.generate([ids], SamplingParams(**sp, stop=[stop]))[0]
+    assert want.finish_reason.value == "stop" and len(want.text) < len(whole.text)
+    got = client.completions.create(model=MODEL, prompt=ids, max_tokens=24, temperature=0.9, top_p=0.9, seed=11,
+                                    stop=[stop], extra_body={"top_k": 5, "min_p": 0.05, "ignore_eos": True})
+    assert got.choices[0].text == want.text and got.choices[0].finish_reason == "stop"
+    unsorted = client.completions.create(model=MODEL, prompt=ids, max_tokens=24, temperature=0.9, top_p=0.9, seed=11,
+                                         extra_body={"min_p": 0.05, "ignore_eos": True})
+    assert unsorted.choices[0].text != whole.text, "top_k reached the sampler (without it the answer differs)"
+
+
+def test_streamed_completion_equals_the_whole_one(client, reference) -> None:
+    prompt = "A list of three animals:"
+    want = reference.generate([prompt], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))[0]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_logprobs(client, reference) -> None:
+    messages = [{"role": "user", "content": "What is two plus two?"}]
+    want = reference.generate([reference.encode_chat(messages)],
+                              SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2))[0]
+    got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                         top_logprobs=2, extra_body={"ignore_eos": True})
+    content = got.choices[0].logprobs.content
+    assert [c.logprob for c in content] == want.logprobs
+    tokenizer = reference.tokenizer
+    assert [c.token for c in content] == [tokenizer.token_text(t) for t in want.output_ids]
+    assert [[t.logprob for t in c.top_logprobs] for c in content] == [[lp for _, lp in top] for top in want.top_logprobs]
+
+
+class ClassRecorder:
+    """An AsyncEngine observer that keeps the latency class each accepted request reached the engine with."""
+
+    def __init__(self) -> None:
+        self.classes: list[str] = []
+
+    def on_added(self, seq, now) -> None:
+        self.classes.append(seq.params.latency_class)
+
+    def on_forked(self, parent, children, now) -> None: ...
+
+    def on_step(self, engine, seconds) -> None: ...
+
+    def on_output(self, out, now) -> None: ...
+
+
+def test_latency_class_and_priority_reach_the_scheduler(server) -> None:
+    recorder = ClassRecorder()
+    server["async_engine"].observers.append(recorder)
+    try:
+        sent = [({}, "interactive"), ({"latency_class": "batch"}, "batch"), ({"priority": "batch"}, "batch"),
+                ({"priority": 5}, "batch"), ({"priority": 0}, "interactive"), ({"priority": -1}, "interactive"),
+                ({"latency_class": "interactive", "priority": 3}, "interactive")]
+        for extra, _ in sent:
+            r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, **extra},
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+            assert r.status_code == 200, (extra, r.text)
+    finally:
+        server["async_engine"].observers.remove(recorder)
+    assert recorder.classes == [want for _, want in sent]
+
+
+def test_min_tokens_holds_off_the_end(client) -> None:
+    """min_tokens alone (no ignore_eos): a reply that greedy decoding ends early goes on to it."""
+    messages = [{"role": "user", "content": "Say hi."}]
+    short = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, temperature=0)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 54
+    at_least = short.usage.completion_tokens + 10
+    longer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, temperature=0,
+                                            extra_body={"min_tokens": at_least})
+    assert longer.usage.completion_tokens >= at_least
+    assert longer.choices[0].message.content.startswith(short.choices[0].message.content)
+
+
 def test_odd_histories_are_accepted(client) -> None:
     for messages in ([{"role": "assistant", "content": "Hello, how can I help?"}],
                      [{"role": "system", "content": "Be brief."}],
@@ -115,23 +200,71 @@ def test_echo_with_prompt_logprobs_and_max_tokens_zero(client) -> None:
     assert len(lp.tokens) == got.usage.prompt_tokens
 
 
+def metric(server, name: str) -> float:
+    """One unlabelled-or-model-labelled sample of /metrics, as a scraper reads it."""
+    for line in httpx.get(server["url"] + "/metrics").text.splitlines():
+        if line.startswith((name + "{", name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+def seconds_until_back(server, kv_baseline: float, timeout: float = 10.0) -> float:
+    """How long until /metrics shows no running request and the KV usage it had before."""
+    t0 = time.monotonic()
+    while (metric(server, "lockstep:num_requests_running") != 0
+           or metric(server, "lockstep:kv_cache_usage_perc") != kv_baseline):
+        assert time.monotonic() - t0 < timeout, "the request kept running after its client left"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+LONG = {"model": MODEL, "prompt": "Write a very long story about the sea.", "max_tokens": 2000, "ignore_eos": True}
+
+
 def test_disconnect_cancels_and_frees_blocks(server) -> None:
+    """A dropped SSE stream: within about a second /metrics shows nothing running and the KV usage
+    back at its baseline, and the engine holds no sequence."""
     engine = server["engine"]
     wait_idle(engine)
-    body = {"model": MODEL, "prompt": "Write a very long story about the sea.", "max_tokens": 2000,
-            "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server["url"] + "/v1/completions", json=body,
+    baseline = metric(server, "lockstep:kv_cache_usage_perc")
+    with httpx.stream("POST", server["url"] + "/v1/completions", json={**LONG, "stream": True},
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
-        seen = 0
-        for line in response.iter_lines():
-            seen += line.startswith("data: ")
-            if seen >= 3:
-                break
-    t0 = time.monotonic()
-    wait_idle(engine, timeout=5)
+        lines = response.iter_lines()  # kept: dropping the iterator closes the stream
+        for _ in range(3):
+            while not next(lines).startswith("data: "):
+                pass
+        assert metric(server, "lockstep:num_requests_running") == 1
+        assert metric(server, "lockstep:kv_cache_usage_perc") > baseline
+    assert seconds_until_back(server, baseline) < 1.0
     assert engine.kv.allocator.num_sequences() == 0 and not engine.seqs
-    assert time.monotonic() - t0 < 2.0
-    assert engine.kv.usage() == 0.0 or engine.kv.allocator.num_free_blocks() == engine.kv.num_blocks
+
+
+def test_disconnect_from_a_whole_answer_cancels_it_too(server) -> None:
+    """A client that gives up on a non-streamed answer (here: its read timeout) cancels it."""
+    engine = server["engine"]
+    wait_idle(engine)
+    baseline = metric(server, "lockstep:kv_cache_usage_perc")
+    for body in (LONG, {**LONG, "n": 2}):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server["url"] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=httpx.Timeout(30, read=0.5))
+        assert seconds_until_back(server, baseline) < 1.0, body
+        assert engine.kv.allocator.num_sequences() == 0 and not engine.seqs
+
+
+def test_a_refused_n_request_leaves_nothing_behind(server) -> None:
+    """n > 1 prefills the prompt before forking; a request refused at the forks' commit (the
+    prompt plus max_tokens over the context) must not leave the prefilled parent holding KV."""
+    engine = server["engine"]
+    wait_idle(engine)
+    body = {"messages": [{"role": "user", "content": "Hi there"}], "n": 2, "max_tokens": engine.max_model_len - 4}
+    for _ in range(3):
+        r = httpx.post(server["url"] + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=30)
+        assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
+    wait_idle(engine)
+    assert engine.kv.allocator.num_sequences() == 0 and not engine.seqs
+    assert not server["async_engine"]._unclaimed, "no stream is left waiting for a reader"
 
 
 BAD = [
@@ -145,18 +278,72 @@ BAD = [
     ("bad temperature", {"prompt": "hi", "temperature": -3}, 400),
     ("invalid UTF-8", b'{"prompt": "\xff\xfe"}', 400),
     ("body too large", b'{"prompt": "' + b"a" * (5 << 20) + b'"}', 413),
+    ("negative token id", {"prompt": [1, -5, 3]}, 400),
+    ("token id past the vocabulary", {"prompt": [2**63]}, 400),
+    ("unpaired surrogate", b'{"prompt": "abc \\ud800"}', 400),
+    ("stop not text", {"prompt": "hi", "stop": [3]}, 400),
+    ("bad latency class", {"prompt": "hi", "latency_class": "urgent"}, 400),
 ]
+BAD_CHAT = [
+    ("same-role messages, content not text", {"messages": [{"role": "user", "content": "a"},
+                                                           {"role": "user", "content": 5}]}, 400),
+    ("message without a role", {"messages": [{"content": "hello"}]}, 400),
+    ("message not an object", {"messages": ["hello"]}, 400),
+    ("unpaired surrogate in content", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400),
+]
+
+
+def post_raw(server, path: str, body) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    raw = body if isinstance(body, bytes) else None
+    return httpx.post(server["url"] + path, content=raw, json=None if raw else body, headers=headers, timeout=30)
+
+
+def assert_openai_error(r: httpx.Response, status: int) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and error["code"] == status and "Traceback" not in r.text
+
+
+def assert_still_serving(server) -> None:
+    r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "still", "max_tokens": 1},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text
 
 
 @pytest.mark.parametrize("name,body,status", BAD, ids=[b[0] for b in BAD])
 def test_bad_requests_get_openai_errors(server, name, body, status) -> None:
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    raw = body if isinstance(body, bytes) else None
-    r = httpx.post(server["url"] + "/v1/completions", content=raw, json=None if raw else body, headers=headers,
-                   timeout=30)
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert error["message"] and error["type"] and "Traceback" not in r.text
+    assert_openai_error(post_raw(server, "/v1/completions", body), status)
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("name,body,status", BAD_CHAT, ids=[b[0] for b in BAD_CHAT])
+def test_bad_chat_requests_get_openai_errors(server, name, body, status) -> None:
+    assert_openai_error(post_raw(server, "/v1/chat/completions", body), status)
+    assert_still_serving(server)
+
+
+def test_unknown_routes_and_methods_and_unannounced_large_bodies(server) -> None:
+    """404 and 405 in OpenAI's error shape too; a body sent in chunks (no Content-Length) is cut
+    off at the limit with a 413 instead of being read whole."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert_openai_error(httpx.get(server["url"] + "/v1/no-such-endpoint", headers=headers), 404)
+    assert_openai_error(httpx.get(server["url"] + "/v1/completions", headers=headers), 405)
+    # Raw HTTP/1.1: 5 MiB of chunks and no end; the 413 must come without the rest of the body.
+    host, port = server["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"a" * (1 << 20)
+        for _ in range(5):
+            conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        answer = b""
+        while not answer.endswith(b"}") and (piece := conn.recv(4096)):
+            answer += piece
+    head, _, body = answer.decode(errors="replace").partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 413"), head
+    assert json.loads(body)["error"]["code"] == 413
+    assert_still_serving(server)
 
 
 def test_chat_errors_and_prompt_over_the_context(server, client) -> None:
@@ -170,9 +357,15 @@ def test_chat_errors_and_prompt_over_the_context(server, client) -> None:
 
 
 def test_api_key_is_required(server) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
-        r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "hi"}, headers=headers)
-        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    recorder = ClassRecorder()
+    server["async_engine"].observers.append(recorder)
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = httpx.post(server["url"] + "/v1/completions", json={"prompt": "hi"}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    finally:
+        server["async_engine"].observers.remove(recorder)
+    assert recorder.classes == [], "an unauthorized request never reached the engine"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server["url"] + "/v1", api_key="nope", max_retries=0).models.list()
 
@@ -186,9 +379,11 @@ def test_metrics_are_exposed(server, client) -> None:
 
 
 def test_lockstep_serve_command_serves_http_and_grpc(default_model_path) -> None:
-    """The CLI end to end: `lockstep serve` in its own process answers HTTP and gRPC, then stops
-    cleanly on SIGINT."""
+    """The CLI end to end: `lockstep serve` in its own process prints a curl example that works,
+    answers the openai client and gRPC, then stops cleanly on SIGINT."""
     import os
+    import shlex
+    import shutil
     import signal
     import subprocess
     import sys
@@ -197,7 +392,7 @@ def test_lockstep_serve_command_serves_http_and_grpc(default_model_path) -> None
 
     from lockstep.runtime.grpc_codegen import pb2, pb2_grpc
 
-    ports = []
+    ports, banner = [], []
     for _ in range(2):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -214,9 +409,25 @@ def test_lockstep_serve_command_serves_http_and_grpc(default_model_path) -> None
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        reply = httpx.post(f"http://127.0.0.1:{ports[0]}/v1/completions",
-                           json={"prompt": "Hello", "max_tokens": 3, "temperature": 0}, timeout=30).json()
-        assert reply["usage"]["completion_tokens"] == 3
+        # Serving implies the banner is out: the curl line it printed, run as printed.
+        banner = []
+        for line in iter(proc.stdout.readline, ""):
+            banner.append(line)
+            if line.strip().startswith("curl "):
+                break
+        curl = banner[-1].strip()
+        argv = shlex.split(curl)
+        if shutil.which("curl"):
+            answer = json.loads(subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout)
+        else:  # the same request, made by httpx from the printed command's URL and body
+            print("curl is not installed: sending the printed example's request with httpx")
+            answer = httpx.post(argv[2], content=argv[argv.index("-d") + 1],
+                                headers={"Content-Type": "application/json"}, timeout=60).json()
+        assert answer["choices"][0]["message"]["role"] == "assistant" and answer["usage"]["completion_tokens"] > 0
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports[0]}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model=client.models.list().data[0].id, prompt="Hello", max_tokens=3,
+                                          temperature=0)
+        assert reply.usage.completion_tokens == 3
         with grpc.insecure_channel(f"127.0.0.1:{ports[1]}") as channel:
             health = pb2_grpc.LockstepStub(channel).Health(pb2.HealthRequest(), timeout=10)
         assert health.status == "SERVING"
@@ -227,14 +438,13 @@ def test_lockstep_serve_command_serves_http_and_grpc(default_model_path) -> None
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-    assert "serving" in out and "Traceback" not in err, err[-2000:]
+    assert "serving" in "".join(banner) + out and "Traceback" not in err, err[-2000:]
 
 
 def test_32_concurrent_streams_each_equal_the_request_alone(server, reference) -> None:
     """32 SSE streams at once: no lost or duplicated tokens, and each stream's tokens are what the
     same request gives alone (batch invariance through the server)."""
     import asyncio
-    import json
 
     prompts = [f"Item {i}: a short note about the number {i * 7}" for i in range(32)]
     lengths = [3 + i % 9 for i in range(32)]
