@@ -15,7 +15,12 @@ Session lifecycle, per branch (branch 0 exists from the start; `fork` adds more)
 - The reply ends by itself (stop/length: its tokens join the history) or by `cancel` (barge-in):
   the sequence is cancelled at the next step boundary, its last tokens and ReplyFinished are
   sent, then the Cancelled ack; keep_partial decides whether the partial reply joins the history.
-- `truncate` (no reply running) cuts the history, and the live sequence with it.
+- `truncate` cuts the history, and the live sequence with it. Sent while a reply runs, it
+  first stops that reply (keeping what was said, as the client is about to cut it anyway).
+- Requests may come at any moment: append, commit and truncate apply in the order they came,
+  per branch, and append or commit sent while a reply runs wait for that reply to end (a
+  transcript that arrives before the client's barge-in joins the conversation after the
+  reply, kept or dropped as the cancel said), then apply. cancel and fork act at once.
 - `fork` makes a branch with a copy of the history, its live sequence forked in the engine (KV
   shared by refcount). Forking a running reply (search over continuations) gives the new branch
   the reply so far as history and a reply of its own, under a new response_id, sampled on its
@@ -102,6 +107,9 @@ class _Branch:
         self.reply: list[int] = []
         self.reply_prompt_tokens = 0
         self.keep_partial = True
+        # append, commit and truncate, applied in order by `worker` (started on first use)
+        self.work: asyncio.Queue = asyncio.Queue()
+        self.worker: asyncio.Task | None = None
 
 
 class _Session:
@@ -136,10 +144,16 @@ class _Session:
                                                   "cancel, truncate, fork")
                     if kind != "start" and branch_id not in self.branches:
                         raise InvalidRequestError(f"branch {branch_id} does not exist in this session")
-                    await getattr(self, f"on_{kind}")(message)
+                    if kind in ORDERED:
+                        self._enqueue(self.branches[branch_id], kind, message)
+                    else:
+                        await getattr(self, f"on_{kind}")(message)
                 except LockstepError as exc:
                     self.error(branch_id, status_of(exc), str(exc))
-            # The client half-closed: let running replies finish, then end.
+            # The client half-closed: apply what it queued, let running replies finish, then end.
+            for branch in self.branches.values():
+                branch.work.put_nowait(None)
+            await asyncio.gather(*(b.worker for b in self.branches.values() if b.worker))
             await asyncio.gather(*(b.pump for b in self.branches.values() if b.replying and b.pump))
             self.send(end=pb2.SessionEnd())
         finally:
@@ -149,8 +163,28 @@ class _Session:
     def close(self) -> None:
         """Ends every live sequence: cancelling a pump leaves ae.outputs, which cancels it."""
         for branch in self.branches.values():
-            if branch.pump is not None and not branch.pump.done():
-                branch.pump.cancel()
+            for task in (branch.worker, branch.pump):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    def _enqueue(self, branch: _Branch, kind: str, message) -> None:
+        if branch.worker is None:
+            branch.worker = asyncio.create_task(self._work(branch))
+        branch.work.put_nowait((kind, message))
+
+    async def _work(self, branch: _Branch) -> None:
+        """Applies a branch's append, commit and truncate requests in order (None: no more)."""
+        while (item := await branch.work.get()) is not None:
+            kind, message = item
+            try:
+                while branch.replying and branch.pump is not None:
+                    if kind == "truncate":  # the client cuts the reply: stop it first
+                        await self._stop_reply(branch, keep_partial=True)
+                    else:
+                        await asyncio.wait([branch.pump])  # append and commit wait for it to end
+                await getattr(self, f"on_{kind}")(message)
+            except LockstepError as exc:
+                self.error(branch.id, status_of(exc), str(exc))
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -172,8 +206,6 @@ class _Session:
 
     async def on_append(self, append: pb2.Append) -> None:
         branch = self.branches[append.branch]
-        if branch.replying:
-            raise SessionStateError("a reply is running on this branch: cancel it (barge-in) before appending")
         if append.WhichOneof("input") == "text":
             # BOS only at the very start of a conversation
             ids = self.engine.tokenizer.encode(append.text, add_bos=None if not branch.history else False)
@@ -191,22 +223,23 @@ class _Session:
 
     async def on_commit(self, commit: pb2.Commit) -> None:
         branch = self.branches[commit.branch]
-        if branch.replying:
-            raise SessionStateError("a reply is already running on this branch")
         params = sampling_params(commit.sampling, self.defaults)
-        response_id = next(self.next_response_id)
         if branch.live is None:
             if not branch.history:
                 raise InvalidRequestError("nothing to reply to: append some input first")
-            await self._open(branch, list(branch.history), params, generate=True, response_id=response_id)
-        else:
-            live = branch.live
-            self._begin_reply(branch, response_id)
-            try:
-                await self.ae.call(lambda: self.engine.commit(live, params))
-            except BaseException:
-                branch.replying = False
-                raise
+            await self._open(branch, list(branch.history), params, generate=True,
+                             response_id=next(self.next_response_id))
+            return
+        live, loop = branch.live, asyncio.get_running_loop()
+
+        def commit() -> None:
+            self.engine.commit(live, params)  # raises, and nothing is announced, if it is refused
+            # Announced from the engine thread before the step that samples the reply's first
+            # token: that step's outputs reach this loop after this callback, so the pump counts
+            # every token of the reply and ReplyStarted precedes them.
+            loop.call_soon_threadsafe(self._begin_reply, branch, next(self.next_response_id))
+
+        await self.ae.call(commit)
 
     def _begin_reply(self, branch: _Branch, response_id: int) -> None:
         branch.replying = True
@@ -222,17 +255,20 @@ class _Session:
         response_id = 0
         if branch.replying:
             response_id = branch.response_id
-            branch.keep_partial = cancel.keep_partial
-            live, pump = branch.live, branch.pump
-            await self.ae.call(lambda: self.engine.cancel(live))
-            await asyncio.shield(pump)  # its ReplyFinished is out: no token of it follows the ack
+            await self._stop_reply(branch, cancel.keep_partial)
         self.send(cancelled=pb2.Cancelled(branch=branch.id, response_id=response_id,
                                           num_tokens=len(branch.history)))
 
+    async def _stop_reply(self, branch: _Branch, keep_partial: bool) -> None:
+        """Barge-in: cancels the running reply at the next step and waits until its ReplyFinished
+        is out, so no token of it follows."""
+        branch.keep_partial = keep_partial
+        live, pump = branch.live, branch.pump
+        await self.ae.call(lambda: self.engine.cancel(live))
+        await asyncio.wait([pump])
+
     async def on_truncate(self, truncate: pb2.Truncate) -> None:
         branch = self.branches[truncate.branch]
-        if branch.replying:
-            raise SessionStateError("a reply is running on this branch: cancel it before truncating")
         n = truncate.num_tokens
         if not 1 <= n <= len(branch.history):
             raise InvalidRequestError(f"truncate position must be in [1, {len(branch.history)}], got {n}")
@@ -251,7 +287,7 @@ class _Session:
                 ((seq, tokens),) = await self.ae.fork_with_tokens(live, 1)
             except InvalidRequestError:  # it ended in the engine before the fork: fork what it left
                 if parent.pump is not None:
-                    await asyncio.shield(parent.pump)
+                    await asyncio.wait([parent.pump])
                 child.history, replying = list(parent.history), False
             else:
                 # The engine's tokens at the fork: a running reply's tokens so far are the fork's
@@ -308,7 +344,10 @@ class _Session:
 
 
 class SessionStateError(LockstepError):
-    """A valid request at the wrong moment (e.g. append while a reply runs): FAILED_PRECONDITION."""
+    """A valid request at the wrong moment (start after the session began): FAILED_PRECONDITION."""
+
+
+ORDERED = ("append", "commit", "truncate")  # per-branch requests applied in order (_Session._work)
 
 
 def _messages(messages: pb2.ChatMessages) -> list[dict]:

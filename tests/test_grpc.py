@@ -332,3 +332,91 @@ def test_a_stopped_engine_answers_unavailable(make_engine) -> None:
         await call.done_writing()
         await next_event(call, "end")
     run_with_server(make_engine, body)
+
+
+def test_a_refused_commit_announces_no_reply(make_engine) -> None:
+    """A commit the engine refuses (the conversation plus max_tokens over the context) is one
+    SessionError and no ReplyStarted, so no reply is left without its ReplyFinished; the session
+    goes on and a commit that fits replies."""
+    async def body(stub, ae, observer):
+        call = stub.Session()
+        await call.write(pb2.SessionRequest(append=pb2.Append(text=PROMPT)))
+        await next_event(call, "appended")
+        too_many = pb2.SamplingOptions(max_tokens=ae.engine.max_model_len, ignore_eos=True)
+        await call.write(pb2.SessionRequest(commit=pb2.Commit(sampling=too_many)))
+        event = await next_event(call)
+        assert event.WhichOneof("event") == "error" and event.error.code == "INVALID_ARGUMENT", event
+        assert "context" in event.error.message
+        await call.write(pb2.SessionRequest(commit=pb2.Commit(sampling=pb2.SamplingOptions(max_tokens=3,
+                                                                                         ignore_eos=True))))
+        assert (await next_event(call)).WhichOneof("event") == "reply_started"
+        finished = (await next_event(call, "reply_finished")).reply_finished
+        assert finished.finished.finish_reason == "length" and finished.finished.usage.completion_tokens == 3
+        await call.done_writing()
+        await next_event(call, "end")
+        await wait_for_no_sequences(ae)
+    run_with_server(make_engine, body)
+
+
+def test_requests_during_a_reply_apply_in_order(make_engine) -> None:
+    """Full duplex: input that arrives while the assistant speaks waits for the reply to end (here
+    a barge-in that drops it) and then joins the conversation; a truncate sent during a reply
+    stops the reply first. Greedy replies are checked against plain requests over the
+    conversation the session reports."""
+    tokenizer = make_engine().tokenizer
+    prompt_ids = tokenizer.encode(PROMPT)
+    more = tokenizer.encode(" Also,", add_bos=False)
+    greedy = pb2.SamplingOptions(temperature=0.0, max_tokens=300, ignore_eos=True)
+
+    async def body(stub, ae, observer):
+        call = stub.Session()
+        await call.write(pb2.SessionRequest(start=pb2.SessionStart(sampling=greedy)))
+        await call.write(pb2.SessionRequest(append=pb2.Append(token_ids=pb2.TokenIds(ids=prompt_ids))))
+        await next_event(call, "appended")
+        await call.write(pb2.SessionRequest(commit=pb2.Commit()))
+        first = (await next_event(call, "reply_started")).reply_started
+        await next_event(call, "token")
+        # The user speaks over the reply, then the client barges in and drops what was said.
+        await call.write(pb2.SessionRequest(append=pb2.Append(token_ids=pb2.TokenIds(ids=more))))
+        await call.write(pb2.SessionRequest(commit=pb2.Commit(sampling=pb2.SamplingOptions(max_tokens=5))))
+        await call.write(pb2.SessionRequest(cancel=pb2.Cancel(keep_partial=False)))
+        kinds, events = [], []
+        while len(kinds) < 5:
+            event = await next_event(call)
+            kind = event.WhichOneof("event")
+            if kind != "token" or kinds[-1:] == ["reply_started"]:
+                kinds.append(kind)
+                events.append(event)
+        assert kinds == ["reply_finished", "cancelled", "appended", "reply_started", "token"], kinds
+        finished, cancelled = events[0].reply_finished, events[1].cancelled
+        appended, second = events[2].appended, events[3].reply_started
+        assert finished.response_id == first.response_id and finished.finished.finish_reason == "cancelled"
+        assert finished.num_tokens == cancelled.num_tokens == len(prompt_ids), "the dropped reply left no trace"
+        assert appended.num_tokens == len(prompt_ids) + len(more)
+        assert second.response_id > first.response_id and second.num_tokens == appended.num_tokens
+        reply = [events[4].token.token.token_id]
+        while (event := await next_event(call)).WhichOneof("event") == "token":
+            assert event.token.response_id == second.response_id
+            reply.append(event.token.token.token_id)
+        assert event.reply_finished.finished.finish_reason == "length" and len(reply) == 5
+        heard = event.reply_finished.num_tokens
+
+        # A third reply, cut by a truncate while it runs: it stops, then the cut applies.
+        await call.write(pb2.SessionRequest(commit=pb2.Commit()))
+        await next_event(call, "reply_started")
+        await next_event(call, "token")
+        await call.write(pb2.SessionRequest(truncate=pb2.Truncate(num_tokens=heard)))
+        stopped = (await next_event(call, "reply_finished")).reply_finished
+        assert stopped.finished.finish_reason == "cancelled" and stopped.num_tokens > heard
+        event = await next_event(call)  # strictly next: no token after the reply's end
+        assert event.WhichOneof("event") == "truncated" and event.truncated.num_tokens == heard
+        assert await num_sequences(ae) == 0, "the stopped reply freed its blocks"
+        await call.done_writing()
+        await next_event(call, "end")
+        await wait_for_no_sequences(ae)
+        return reply
+
+    reply = run_with_server(make_engine, body)
+    want = make_engine().generate([prompt_ids + more], SamplingParams(temperature=0.0, max_tokens=5,
+                                                                     ignore_eos=True))[0]
+    assert reply == want.output_ids, "the reply after the barge-in answers the conversation without the dropped one"
