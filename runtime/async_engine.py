@@ -11,7 +11,8 @@ Guarantees a server builds on:
 - every accepted request ends with exactly one finished output (stop, length, cancelled or
   error), whatever happens to the step it was in;
 - the waiting queue is bounded: beyond `max_waiting` requests, new ones are refused with
-  OverloadedError (HTTP 429 / RESOURCE_EXHAUSTED) instead of queueing without limit;
+  OverloadedError (HTTP 429 / RESOURCE_EXHAUSTED) instead of queueing without limit, and so are
+  forks beyond `max_num_seqs + max_waiting` live sequences;
 - bad requests are refused with the engine's own LockstepError, before anything is queued.
 """
 from __future__ import annotations
@@ -182,6 +183,12 @@ class AsyncEngine:
 
         def fork() -> list:
             parent = self.engine._live(seq_id)
+            # Forks join the running set at once, past the waiting queue's bound: they get one of
+            # their own, so a session cannot fork without limit.
+            most = self.engine.config.max_num_seqs + self.max_waiting
+            if len(self.engine.seqs) + n > most:
+                raise OverloadedError(f"{len(self.engine.seqs)} sequences are live and {n} more would pass the "
+                                      f"server's {most} (max_num_seqs + max_waiting); retry later")
             children = self.engine.fork(seq_id, n)
             for child, stream in zip(children, streams):
                 self._streams[child.seq_id] = self._unclaimed[child.seq_id] = stream

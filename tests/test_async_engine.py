@@ -246,3 +246,19 @@ def test_an_observer_that_raises_stops_nothing(make_engine) -> None:
         served.shutdown()
     assert [o.token_id for o in outs if o.token_id is not None] == alone.output_ids
     assert sum(o.finished for o in outs) == 1 and outs[-1].finished
+
+
+def test_forks_are_bounded_too(make_engine) -> None:
+    """Forks skip the waiting queue, so they have a bound of their own: max_num_seqs + max_waiting
+    live sequences; past it a fork is refused with OverloadedError and nothing is left behind."""
+    served = AsyncEngine(make_engine(max_num_seqs=2), max_waiting=1).start()
+    try:
+        async def run():
+            parent = await served.open(PROMPTS[0], SamplingParams(max_tokens=4), generate=False)
+            await served.fork(parent, 2)  # 3 live: the bound
+            with pytest.raises(OverloadedError, match="retry"):
+                await served.fork(parent, 1)
+            return await served.call(lambda: len(served.engine.seqs))
+        assert asyncio.run(run()) == 3
+    finally:
+        served.shutdown()
