@@ -105,6 +105,29 @@ void quant_matmul(const py::object& x_obj, const py::object& w_obj, const std::s
   cpu::quant_matmul(xp, M, K, wp, N, row_bytes, q, op, i);
 }
 
+void dequantize_rows(const py::object& w_obj, const std::string& qtype, const py::object& ids_obj,
+                     const py::object& out_obj) {
+  namespace cpu = lockstep::cpu;
+  const py::array w = array_arg("w", w_obj, py::dtype::of<std::uint8_t>(), "uint8", 2);
+  const py::array ids = array_arg("ids", ids_obj, py::dtype::of<std::int64_t>(), "int64", 1);
+  py::array out = array_arg("out", out_obj, py::dtype::of<float>(), "float32", 2);
+  const cpu::QType q = cpu::parse_qtype(qtype);
+  const std::int64_t K = cpu::row_elements(q, w.shape(1));
+  if (out.shape(0) != ids.shape(0) || out.shape(1) != K) {
+    throw py::value_error("out: expected shape (" + std::to_string(ids.shape(0)) + ", " +
+                          std::to_string(K) + ") = (ids, weights in a row of w), got " +
+                          shape_of(out));
+  }
+  if (!out.writeable()) throw py::value_error("out: is read-only");
+  if (overlaps(out, w)) throw py::value_error("out: overlaps w in memory");
+  if (overlaps(out, ids)) throw py::value_error("out: overlaps ids in memory");
+  const auto* wp = static_cast<const std::uint8_t*>(w.data());
+  const auto* ip = static_cast<const std::int64_t*>(ids.data());
+  auto* op = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  cpu::dequantize_rows(wp, w.shape(0), w.shape(1), q, ip, ids.shape(0), op);
+}
+
 // ---- CPU step ops (cpp/cpu/cpu_ops.h), checked by the same array_arg. ----
 
 void expect_shape(const char* name, const py::array& a, std::initializer_list<py::ssize_t> shape,
@@ -507,6 +530,14 @@ out: float32 [M, N]. All C-contiguous numpy arrays (CPU torch tensors via .numpy
 isa: "auto", "avx512", "avx2" or "scalar". Every output element is reduced in one fixed order, so
 its bits do not depend on M, the thread count or isa. Runs without the GIL. Malformed
 arguments raise ValueError naming the argument.
+)doc");
+  m.def("dequantize_rows", &dequantize_rows, py::arg("w"), py::arg("qtype"), py::arg("ids"),
+        py::arg("out"), R"doc(
+out[m, :] = row ids[m] of W decoded to float32: the embedding lookup on GGUF blocks.
+
+w: uint8 [N, row_bytes] as for quant_matmul; qtype: "F32", "F16", "Q8_0", "Q4_0" or "Q4_1";
+ids: int64 [M]; out: float32 [M, K]. The values are exactly those quant_matmul multiplies by.
+An id outside [0, N) or a malformed argument raises ValueError naming it, before any write.
 )doc");
   m.def("set_num_threads", [](int n) { lockstep::cpu::ThreadPool::instance().set_num_threads(n); },
         py::arg("n"), "Threads quant_matmul and paged_attention use, the caller included (1 <= n <= 1024).");

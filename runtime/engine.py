@@ -38,11 +38,12 @@ from .loader import LoadedModel
 from .memory_plan import build_memory_plan, human_bytes
 from .model import TorchModel
 from .program_runner import ProgramRunner
-from .quantized_weights import load_quantized_gguf, with_float_rows, without_blocked_matrices
+from .quantized_weights import QuantizedWeights, load_quantized_gguf, with_float_rows
 from .sampler import sample, sample_with_kernel
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledStep, Scheduler
 from .step_program import ProgramLadder
+from .weights import ModelWeights
 from .workspace import StepWorkspace
 from .cost_model import CostTable, load_or_measure
 from .fetch import lockstep_home
@@ -94,8 +95,12 @@ class Engine:
             torch.set_num_threads(self.config.threads)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         quantized = quantized_weights(model, self.config, self.device) if self.backend == "triton" else None
-        # A matrix read as blocks needs no float copy on the device (8B in bf16 is 16 GB never read).
-        weights = without_blocked_matrices(model.weights, quantized).to(self.device, dtype)
+        native_blocks = native_cpu_blocks(model) if native_cpu else None
+        # A matrix read as blocks needs no float copy (8B in bf16 is 16 GB never read; the default
+        # model's float32 linear layers are 405 MiB beside 63 MiB of blocks), and a GGUF file's are
+        # then never dequantized. The native CPU forward also looks tokens up in the embedding's
+        # blocks (_core.dequantize_rows), so it holds no float table either.
+        weights = model.weights_except(quantized or native_blocks, embedding=native_cpu).to(self.device, dtype)
         self.kv = KVCache.for_budget(model.config, self.config.kv_memory_bytes, self.config.block_size,
                                      dtype=dtype, device=self.device, prefix_cache=self.config.prefix_cache)
         limits = [model.config.max_position, self.kv.capacity_tokens]
@@ -114,7 +119,7 @@ class Engine:
             self.runner = TritonModel(model.config, weights, self.kv, attention=self.config.attention,
                                       quantized=quantized)
         else:
-            linears = cpu_linears(model, weights, self.config, self.device)
+            linears = cpu_linears(native_blocks, weights) if native_cpu else None
             blocks = None if linears is None else linears.blocks
             # With the native matmuls come the native norm, RoPE and attention (cpp/cpu/cpu_ops.h).
             self.runner = TorchModel(model.config, weights, self.kv, linears, native_ops=linears is not None,
@@ -668,13 +673,18 @@ def is_gguf_file(model: LoadedModel) -> bool:
     return model.source.is_file() and model.source.suffix == ".gguf"
 
 
-def cpu_linears(model: LoadedModel, weights, config: EngineConfig, device: torch.device) -> Linears | None:
-    """The native CPU kernel for every matmul of the torch backend on the CPU (None: torch's GEMM)."""
-    if device.type != "cpu" or config.cpu_kernels != "native":
-        return None
+def native_cpu_blocks(model: LoadedModel) -> QuantizedWeights | None:
+    """The GGUF blocks the native CPU matmul reads as stored (QuantizedWeights, None where a
+    matrix's type needs float rows; None for a model with no blocks)."""
     blocks = None if model.quantized is None else model.quantized.to("cpu")  # synthetic ones may be on a GPU
     if blocks is None and is_gguf_file(model):
         blocks = load_quantized_gguf(model.source, model.config)
+    return blocks
+
+
+def cpu_linears(blocks: QuantizedWeights | None, weights: ModelWeights) -> Linears:
+    """The native CPU kernel for every matmul of the torch backend on the CPU: GGUF blocks where
+    `blocks` has them, the float weights' rows elsewhere."""
     matrices = with_float_rows(blocks, weights)
     found, total = (blocks.count() if blocks is not None else (0, matrices.count()[1]))
     log.info("cpu kernels: native (%s), %d of %d linear layers read as GGUF blocks, %d threads",

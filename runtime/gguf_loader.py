@@ -15,7 +15,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -69,7 +69,11 @@ def canonical_name(name: str) -> str | None:
     return None
 
 
-def load_gguf(path: Path, home: Path | None = None) -> tuple[ModelConfig, ModelWeights, Tokenizer, LoadStats]:
+def load_gguf(path: Path, home: Path | None = None) -> tuple[ModelConfig, Callable[[frozenset[str]], ModelWeights],
+                                                            Tokenizer, LoadStats]:
+    """The file's config, tokenizer and a builder of its float weights: `build(skip)` dequantizes
+    each tensor the first time a caller needs it (entries in `skip`, assemble's names, are left
+    out), so an engine that reads the linear layers as GGUF blocks never dequantizes them."""
     stats = LoadStats()
     t0 = time.perf_counter()
     index, stats.index_cached = _load_index(path, home)
@@ -103,7 +107,6 @@ def load_gguf(path: Path, home: Path | None = None) -> tuple[ModelConfig, ModelW
                 f"{', '.join(sorted(q.name for q in SUPPORTED_TYPES))}"
             )
 
-    t0 = time.perf_counter()
     data = np.memmap(path, dtype=np.uint8, mode="r")
     # Llama GGUFs store Q and K with rows interleaved for ggml's RoPE; undo it so every
     # model (and HF directories) uses the same rotate-half layout.
@@ -117,12 +120,19 @@ def load_gguf(path: Path, home: Path | None = None) -> tuple[ModelConfig, ModelW
             w = _unpermute_rows(w, heads)
         return w
 
-    weights = assemble(config, load)
     rope = next((t for t in index.tensors if t.name == "rope_freqs.weight"), None)
-    if rope is not None:
-        weights.rope_freqs = dequantize(data[rope.offset:rope.offset + rope.nbytes], rope.qtype, rope.shape)
-    stats.weights_s = time.perf_counter() - t0
-    return config, weights, tokenizer, stats
+    rope_freqs = None if rope is None else dequantize(data[rope.offset:rope.offset + rope.nbytes], rope.qtype,
+                                                      rope.shape)
+    cache: dict[str, torch.Tensor] = {}
+
+    def build(skip: frozenset[str] = frozenset()) -> ModelWeights:
+        t0 = time.perf_counter()
+        weights = assemble(config, load, skip, cache)
+        weights.rope_freqs = rope_freqs
+        stats.weights_s += time.perf_counter() - t0  # dequantizing, wherever it happens
+        return weights
+
+    return config, build, tokenizer, stats
 
 
 def _gguf_name(canonical: str) -> str:

@@ -117,7 +117,10 @@ def build_memory_plan(weights, blocks, kv, rope: tuple[torch.Tensor, torch.Tenso
                     plan.add(f"weights.gguf.{matrix.qtype.lower()}.{name}", matrix.blocks)
         if blocks.lm_head is not None:
             plan.add(f"weights.gguf.{blocks.lm_head.qtype.lower()}.lm_head", blocks.lm_head.blocks)
-    plan.add("weights.embed", weights.embed)
+        if blocks.embed is not None and weights.embed is None:  # a tied table is counted once, as the head
+            plan.add(f"weights.gguf.{blocks.embed.qtype.lower()}.embed", blocks.embed.blocks)
+    if weights.embed is not None:
+        plan.add("weights.embed", weights.embed)
     if weights.lm_head is not None:
         plan.add("weights.lm_head", weights.lm_head)
     plan.add("weights.final_norm", weights.final_norm)

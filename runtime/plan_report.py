@@ -6,6 +6,7 @@ programs and the measured cost of each (runtime/memory_plan.py, runtime/cost_mod
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 from .cost_model import covered_pairs
 from .memory_plan import human_bytes
@@ -17,6 +18,7 @@ def plan_json(engine) -> dict:
         "device": str(engine.device), "backend": engine.backend,
         "regions": [asdict(r) for r in plan.regions.values()],
         "total_bytes": plan.total_bytes,
+        "resident_bytes": resident_bytes(),
         "capacity": {**plan.capacity, "max_model_len": engine.max_model_len},
         "programs": [
             {"name": p.name, "kind": p.kind, "rows": p.num_tokens, "seqs": p.num_seqs,
@@ -61,4 +63,18 @@ def plan_text(engine, model_name: str) -> str:
                      f"query-key pair (decode[1] at {costs.long_context} tokens)")
         lines.extend(f"note: {n}" for n in costs.notes)
     lines.append(f"total planned memory: {human_bytes(plan.total_bytes)}")
+    resident = resident_bytes()
+    if resident is not None:
+        lines.append(f"process resident memory after start-up: {human_bytes(resident)} (planned pages not yet "
+                     "touched, such as most of a fresh KV arena, are not resident)")
     return "\n".join(lines)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set (VmRSS) from /proc, or None where there is no /proc (not Linux)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), None)
+    return None if kib is None else int(kib) * 1024

@@ -12,7 +12,7 @@ forward then uses the float weights for it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .weights import ModelWeights
+from .weights import ModelWeights, without_matrices
 
 # GGUF types the quantized matmul kernels read, with the bytes of one block of 32 weights.
 KERNEL_QTYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
@@ -58,6 +58,9 @@ class QuantizedLayer:
 class QuantizedWeights:
     layers: list[QuantizedLayer]
     lm_head: QuantizedMatrix | None
+    # The token embedding's blocks (the lm_head object itself when tied): the native CPU forward
+    # decodes only the rows a step looks up (_core.dequantize_rows) instead of a float table.
+    embed: QuantizedMatrix | None = None
 
     def matrices(self) -> list[QuantizedMatrix | None]:
         out = [self.lm_head]
@@ -82,7 +85,8 @@ class QuantizedWeights:
         move = lambda m: None if m is None else m.to(device)  # noqa: E731
         layers = [QuantizedLayer(*(move(getattr(layer, f)) for f in ("wqkv", "wo", "w_gate_up", "w_down")))
                   for layer in self.layers]
-        return QuantizedWeights(layers, move(self.lm_head))
+        lm_head = move(self.lm_head)
+        return QuantizedWeights(layers, lm_head, lm_head if self.embed is self.lm_head else move(self.embed))
 
 
 RawMatrix = Callable[[str], "tuple[str, torch.Tensor] | None"]
@@ -105,7 +109,8 @@ def assemble_quantized(config: ModelConfig, raw: RawMatrix) -> QuantizedWeights:
             wqkv=fused(name("q"), name("k"), name("v")), wo=fused(name("o")),
             w_gate_up=fused(name("gate"), name("up")), w_down=fused(name("down")),
         ))
-    return QuantizedWeights(layers, fused("embed" if config.tie_word_embeddings else "lm_head"))
+    embed = fused("embed")
+    return QuantizedWeights(layers, embed if config.tie_word_embeddings else fused("lm_head"), embed)
 
 
 def load_quantized_gguf(path: Path, config: ModelConfig) -> QuantizedWeights:
@@ -147,17 +152,23 @@ def with_float_rows(blocks: QuantizedWeights | None, weights: ModelWeights) -> Q
         have = blocks.layers[n] if blocks is not None else QuantizedLayer(None, None, None, None)
         layers.append(QuantizedLayer(*(rows(getattr(have, f), getattr(dense, f))
                                        for f in ("wqkv", "wo", "w_gate_up", "w_down"))))
-    return QuantizedWeights(layers, rows(None if blocks is None else blocks.lm_head, weights.lm_head))
+    return QuantizedWeights(layers, rows(None if blocks is None else blocks.lm_head, weights.lm_head),
+                            None if blocks is None else blocks.embed)
+
+
+def blocked_names(blocks: QuantizedWeights | None, embedding: bool = False) -> frozenset[str]:
+    """The weight-layout names (weights.assemble's) of every linear layer `blocks` holds, and
+    with `embedding` the embedding table too, if it has its blocks."""
+    if blocks is None:
+        return frozenset()
+    names = {f"layers.{n}.{f}" for n, layer in enumerate(blocks.layers)
+             for f in ("wqkv", "wo", "w_gate_up", "w_down") if getattr(layer, f) is not None}
+    names |= {"lm_head"} if blocks.lm_head is not None else set()
+    names |= {"embed"} if embedding and blocks.embed is not None else set()
+    return frozenset(names)
 
 
 def without_blocked_matrices(weights: ModelWeights, blocks: QuantizedWeights | None) -> ModelWeights:
     """The same weights with None for every matrix `blocks` holds (the embedding table stays: the
     token lookup reads it); the forward's Linears never touches those."""
-    if blocks is None:
-        return weights
-    layers = []
-    for dense, have in zip(weights.layers, blocks.layers):
-        kept = {f: (None if getattr(have, f) is not None else getattr(dense, f))
-                for f in ("wqkv", "wo", "w_gate_up", "w_down")}
-        layers.append(replace(dense, **kept))
-    return replace(weights, layers=layers, lm_head=None if blocks.lm_head is not None else weights.lm_head)
+    return without_matrices(weights, blocked_names(blocks))

@@ -7,7 +7,7 @@ runs three matmuls fewer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -32,10 +32,10 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: torch.Tensor  # [vocab, hidden]
+    embed: torch.Tensor | None  # [vocab, hidden]; None when the forward reads its GGUF blocks instead
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as `embed` when tied
+    lm_head: torch.Tensor | None  # [vocab, hidden]; the same tensor as `embed` when tied; None: read as blocks
     # Per-frequency divisors for RoPE (Llama 3.1 GGUFs store them as `rope_freqs.weight`).
     rope_freqs: torch.Tensor | None = None
 
@@ -106,17 +106,50 @@ def check_shapes(config: ModelConfig, found: dict[str, tuple[int, ...]], source:
             )
 
 
-def assemble(config: ModelConfig, load: Callable[[str], torch.Tensor]) -> ModelWeights:
-    """Builds ModelWeights by asking `load` for each canonical tensor (float32, shape checked)."""
+def assemble(config: ModelConfig, load: Callable[[str], torch.Tensor], skip: frozenset[str] = frozenset(),
+             cache: dict[str, torch.Tensor] | None = None) -> ModelWeights:
+    """Builds ModelWeights by asking `load` for each canonical tensor (float32, shape checked).
+
+    Entries named in `skip` (the layout's own names: "layers.3.wqkv", "lm_head") are None and
+    never loaded. With `cache`, each entry is loaded once across calls: a GGUF file's tensors are
+    dequantized only when some caller first needs them."""
+    cache = {} if cache is None else cache
+
+    def once(key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    def entry(key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        return None if key in skip else once(key, make)
+
     layers = []
     for n in range(config.num_layers):
         part = lambda p: load(f"layers.{n}.{p}")  # noqa: E731
-        wqkv = torch.cat([part("q"), part("k"), part("v")])
-        bqkv = torch.cat([part("q_bias"), part("k_bias"), part("v_bias")]) if config.qkv_bias else None
+        key = lambda field: f"layers.{n}.{field}"  # noqa: E731
         layers.append(LayerWeights(
-            attn_norm=part("attn_norm"), wqkv=wqkv, bqkv=bqkv, wo=part("o"),
-            ffn_norm=part("ffn_norm"), w_gate_up=torch.cat([part("gate"), part("up")]), w_down=part("down"),
+            attn_norm=entry(key("attn_norm"), lambda: part("attn_norm")),
+            wqkv=entry(key("wqkv"), lambda: torch.cat([part("q"), part("k"), part("v")])),
+            bqkv=entry(key("bqkv"), lambda: torch.cat([part("q_bias"), part("k_bias"), part("v_bias")]))
+            if config.qkv_bias else None,
+            wo=entry(key("wo"), lambda: part("o")),
+            ffn_norm=entry(key("ffn_norm"), lambda: part("ffn_norm")),
+            w_gate_up=entry(key("w_gate_up"), lambda: torch.cat([part("gate"), part("up")])),
+            w_down=entry(key("w_down"), lambda: part("down")),
         ))
-    embed = load("embed")
-    lm_head = embed if config.tie_word_embeddings else load("lm_head")
-    return ModelWeights(embed=embed, layers=layers, final_norm=load("final_norm"), lm_head=lm_head)
+    embed = entry("embed", lambda: load("embed"))
+    # A tied head is the embedding table itself, one tensor (loaded for it if "embed" is skipped).
+    lm_head = entry("lm_head", (lambda: once("embed", lambda: load("embed"))) if config.tie_word_embeddings
+                    else (lambda: load("lm_head")))
+    return ModelWeights(embed=embed, layers=layers, final_norm=entry("final_norm", lambda: load("final_norm")),
+                        lm_head=lm_head)
+
+
+def without_matrices(weights: ModelWeights, skip: frozenset[str]) -> ModelWeights:
+    """The same weights with None for every entry `skip` names (assemble's names)."""
+    if not skip:
+        return weights
+    layers = [replace(layer, **{f: None for f in vars(layer) if f"layers.{n}.{f}" in skip})
+              for n, layer in enumerate(weights.layers)]
+    return replace(weights, layers=layers, lm_head=None if "lm_head" in skip else weights.lm_head,
+                   embed=None if "embed" in skip else weights.embed)

@@ -355,3 +355,31 @@ def test_pool_works_in_a_forked_child() -> None:
     proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("qtype,k", [(q, 96) for q in QTYPES] + [("F32", 37), ("F16", 33)])
+def test_dequantize_rows_gives_the_values_the_matmul_multiplies_by(qtype: str, k: int) -> None:
+    """The embedding lookup on blocks (_core.dequantize_rows): each looked-up row equals gguf's
+    dequantization of it (to one rounding: a Q4_1 weight d*q + m is one fma here), and bit for
+    bit the weights quant_matmul uses: x = I makes its output W^T exactly (each sum is one term)."""
+    raw, exact = quantized(qtype, 50, k, seed=3)
+    ids = np.random.default_rng(4).integers(0, 50, size=23).astype(np.int64)
+    ids[:3] = [0, 49, 0]  # the ends, and a row twice
+    out = np.full((ids.size, k), np.nan, dtype=np.float32)
+    _core.dequantize_rows(raw, qtype, ids, out)
+    np.testing.assert_allclose(out, exact[ids], rtol=2.0 ** -23, atol=0)
+    used = matmul(np.eye(k, dtype=np.float32), raw, qtype).T  # [50, k]: row n is W[n] as the kernel reads it
+    assert_bitwise_equal(out, np.ascontiguousarray(used[ids]), "dequantize_rows vs the matmul's weights")
+
+
+def test_dequantize_rows_refuses_bad_ids_before_writing() -> None:
+    raw, _ = quantized("Q8_0", 8, 64, seed=5)
+    out = np.full((3, 64), 7.0, dtype=np.float32)
+    for bad in ([0, 8, 1], [-1, 0, 0]):
+        with pytest.raises(ValueError, match="ids: id"):
+            _core.dequantize_rows(raw, "Q8_0", np.array(bad, np.int64), out)
+        assert (out == 7.0).all(), "nothing is written when an id is out of range"
+    with pytest.raises(ValueError, match="out: expected shape"):
+        _core.dequantize_rows(raw, "Q8_0", np.zeros(2, np.int64), out)
+    with pytest.raises(ValueError, match="ids"):
+        _core.dequantize_rows(raw, "Q8_0", np.zeros(3, np.int32), out)

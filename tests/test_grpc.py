@@ -117,6 +117,12 @@ def test_session_append_commit_cancel_truncate_and_reply_again(make_engine) -> N
             counts.append((await next_event(call, "appended")).appended.num_tokens)
         prompt_ids = tokenizer.encode(pieces[0]) + [t for p in pieces[1:] for t in tokenizer.encode(p, add_bos=False)]
         assert counts[-1] == len(prompt_ids) and counts == sorted(counts)
+        # Prefilled as it arrived: before any commit the engine has computed the whole input.
+        deadline = time.monotonic() + 10
+        while (computed := await ae.call(lambda: [s.num_computed for s in ae.engine.seqs.values()])) \
+                != [len(prompt_ids)]:
+            assert time.monotonic() < deadline, f"the input was not prefilled before commit: {computed}"
+            await asyncio.sleep(0.01)
 
         # Reply 1, cancelled (barge-in) after three tokens, the partial reply kept.
         await call.write(pb2.SessionRequest(commit=pb2.Commit()))

@@ -98,3 +98,38 @@ def test_auto_weights_fall_back_to_dense_and_blocked_matrices_leave_the_float_co
     assert slim.lm_head is None and slim.embed is q.weights.embed
     assert all(layer.wqkv is None and layer.w_down is None and layer.attn_norm is not None for layer in slim.layers)
     assert slim.nbytes() < q.weights.nbytes() / 5
+
+
+def test_the_native_cpu_engine_never_dequantizes_what_it_reads_as_blocks(tmp_path: Path, monkeypatch) -> None:
+    """On the CPU the native matmul reads Q4_1/Q8_0 blocks as stored and the token lookup decodes
+    only the embedding rows it needs, so a GGUF's matrices are never dequantized: not in the
+    engine's weights, not in its memory plan, not in the loaded model. Its greedy tokens equal those of the torch matmuls over the float weights
+    (--cpu-kernels torch), which dequantizes everything; a float matrix (F32 here) keeps its rows."""
+    from lockstep.runtime import gguf_loader
+
+    path = write_tiny_gguf(tmp_path / "q.gguf", TinySpec(**SPEC, qtype=T.Q4_1, embed_qtype=T.Q8_0), seed=5)
+    dequantized: list[tuple[int, ...]] = []
+
+    def recording(raw, qtype, shape):
+        dequantized.append(tuple(shape))
+        return real(raw, qtype, shape)
+    real = gguf_loader.dequantize
+    monkeypatch.setattr(gguf_loader, "dequantize", recording)
+    model = load_model(path, quiet=True)
+    engine = Engine(model, EngineConfig(kv_memory_bytes=8 << 20, calibrate="off"))
+    assert [s for s in dequantized if len(s) == 2] == [], "no matrix, and not the embedding table either"
+    assert engine.runner.w.embed is None and all(getattr(layer, f) is None for layer in engine.runner.w.layers
+                                                 for f in ("wqkv", "wo", "w_gate_up", "w_down"))
+    assert not [name for name in engine.memory_plan.regions if name.startswith(("weights.w", "weights.embed"))]
+    model.weights  # a caller that wants every float tensor still gets them, dequantized now
+    assert len([s for s in dequantized if len(s) == 2]) == 1 + 7 * model.config.num_layers
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    native = engine.generate([[1, 5, 9, 2]], sp)[0].output_ids
+    dense = Engine(load_model(path, quiet=True), EngineConfig(kv_memory_bytes=8 << 20, calibrate="off",
+                                                              cpu_kernels="torch"))
+    assert dense.runner.w.layers[0].wqkv is not None
+    assert dense.generate([[1, 5, 9, 2]], sp)[0].output_ids == native
+
+    f32 = write_tiny_gguf(tmp_path / "f32.gguf", TinySpec(**SPEC), seed=5)
+    engine = Engine(load_model(f32, quiet=True), EngineConfig(kv_memory_bytes=8 << 20, calibrate="off"))
+    assert engine.runner.w.layers[0].wqkv is not None, "F32 matrices are read through their float rows"

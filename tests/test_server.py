@@ -423,7 +423,8 @@ def test_lockstep_serve_command_serves_http_and_grpc(default_model_path) -> None
             print("curl is not installed: sending the printed example's request with httpx")
             answer = httpx.post(argv[2], content=argv[argv.index("-d") + 1],
                                 headers={"Content-Type": "application/json"}, timeout=60).json()
-        assert answer["choices"][0]["message"]["role"] == "assistant" and answer["usage"]["completion_tokens"] > 0
+        assert answer.get("choices") and answer["choices"][0]["message"]["role"] == "assistant", answer
+        assert answer["usage"]["completion_tokens"] > 0
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports[0]}/v1", api_key="unused", max_retries=0)
         reply = client.completions.create(model=client.models.list().data[0].id, prompt="Hello", max_tokens=3,
                                           temperature=0)

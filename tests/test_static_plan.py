@@ -142,7 +142,7 @@ def test_append_to_a_paused_sequence_waits_for_resume(make_engine) -> None:
 def test_plan_command_prints_regions_capacity_and_costs(capsys, default_model_path) -> None:
     assert main(["plan", "--kv-memory", "64MiB", "--max-num-seqs", "8", "--max-batched-tokens", "64"]) == 0
     out = capsys.readouterr().out
-    for needle in ("kv.k", "kv.v", "weights.embed", "weights.gguf.q4_1.wqkv", "workspace.activations",
+    for needle in ("kv.k", "kv.v", "weights.gguf.q8_0.lm_head", "weights.gguf.q4_1.wqkv", "workspace.activations",
                    "decode[8]", "prefill[64]", "KV arena:", "tokens/s"):
         assert needle in out, needle
     assert main(["plan", "--json", "--kv-memory", "64MiB", "--max-num-seqs", "8", "--max-batched-tokens", "64"]) == 0
@@ -158,3 +158,6 @@ def test_plan_command_prints_regions_capacity_and_costs(capsys, default_model_pa
     cap = plan["capacity"]
     assert kv["kv.k"] == kv["kv.v"] == (cap["kv_blocks"] + 1) * cap["block_size"] * 30 * 3 * 64 * 4
     assert plan["total_bytes"] == sum(r["nbytes"] for r in plan["regions"])
+    # Resident memory is what the process really holds: at least its weights, which it has read.
+    weights = sum(r["nbytes"] for r in plan["regions"] if r["name"].startswith("weights."))
+    assert plan["resident_bytes"] is None or plan["resident_bytes"] > weights

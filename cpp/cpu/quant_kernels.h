@@ -48,6 +48,8 @@ float* thread_scratch(std::size_t floats);
 // Each writes out[:, n_begin:n_end].
 namespace scalar {
 void matmul_rows(const Problem& p, std::int64_t n_begin, std::int64_t n_end);
+// Decodes weight row `row` of p.w into p.kpad floats at w (zero past p.K).
+void decode_weight_row(const Problem& p, std::int64_t row, float* w);
 }
 #if LOCKSTEP_CPU_X86
 namespace avx2 {

@@ -194,6 +194,34 @@ std::int64_t row_elements(QType qtype, std::int64_t row_bytes) {
   return row_bytes / f.block_bytes * f.block_values;
 }
 
+void dequantize_rows(const std::uint8_t* w, std::int64_t N, std::int64_t row_bytes, QType qtype,
+                     const std::int64_t* ids, std::int64_t M, float* out) {
+  const std::int64_t K = row_elements(qtype, row_bytes);
+  for (std::int64_t m = 0; m < M; ++m) {
+    if (ids[m] < 0 || ids[m] >= N) {
+      throw std::invalid_argument("ids: id " + std::to_string(ids[m]) + " at index " +
+                                  std::to_string(m) + " is outside the " + std::to_string(N) +
+                                  " rows of w");
+    }
+  }
+  const std::int64_t kpad = (K + kLanes - 1) / kLanes * kLanes;
+  Problem p{};
+  p.w = w;
+  p.row_bytes = row_bytes;
+  p.N = N;
+  p.K = K;
+  p.kpad = kpad;
+  p.qtype = qtype;
+  // A decoded row is kpad floats; out's rows are K apart, so a row with a ragged tail (F32/F16
+  // only: Q rows are whole blocks) goes through scratch. A few rows a step: no threads.
+  float* scratch = kpad == K ? nullptr : thread_scratch(static_cast<std::size_t>(kpad));
+  for (std::int64_t m = 0; m < M; ++m) {
+    float* dst = out + m * K;
+    scalar::decode_weight_row(p, ids[m], scratch ? scratch : dst);
+    if (scratch) std::memcpy(dst, scratch, static_cast<std::size_t>(K) * sizeof(float));
+  }
+}
+
 void quant_matmul(const float* x, std::int64_t M, std::int64_t K, const std::uint8_t* w,
                   std::int64_t N, std::int64_t row_bytes, QType qtype, float* out, Isa isa) {
   if (M < 0 || K < 0 || N < 0 || row_bytes < 0) {

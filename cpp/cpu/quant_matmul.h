@@ -52,4 +52,11 @@ void quant_matmul(const float* x, std::int64_t M, std::int64_t K, const std::uin
                   std::int64_t N, std::int64_t row_bytes, QType qtype, float* out,
                   Isa isa = Isa::Auto);
 
+// out[m, :] = row ids[m] of W decoded to floats: the embedding lookup on GGUF blocks, with
+// exactly the values the matmul kernels multiply by (so a tied head and its embedding agree).
+// out is [M, K] with K = row_elements(qtype, row_bytes), C-contiguous. Every id is checked
+// against [0, N) before anything is written; throws std::invalid_argument naming `ids`.
+void dequantize_rows(const std::uint8_t* w, std::int64_t N, std::int64_t row_bytes, QType qtype,
+                     const std::int64_t* ids, std::int64_t M, float* out);
+
 }  // namespace lockstep::cpu

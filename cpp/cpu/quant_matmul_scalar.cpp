@@ -68,6 +68,10 @@ float dot_lanes(const float* x, const float* w, std::int64_t kpad) {
 
 }  // namespace
 
+void decode_weight_row(const Problem& p, std::int64_t row, float* w) {
+  decode_row(p, p.w + row * p.row_bytes, w);
+}
+
 void matmul_rows(const Problem& p, std::int64_t n_begin, std::int64_t n_end) {
   thread_local std::vector<float> w;
   w.resize(static_cast<std::size_t>(p.kpad));
