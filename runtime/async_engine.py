@@ -170,12 +170,28 @@ class AsyncEngine:
         """Forks a live sequence n times (KV shared by refcount) and gives each fork a stream, in
         one engine-thread call so no output slips between; with commit, the parent and the forks
         then all start generating, each sampling on its own branch."""
-        return await self.call(self._forker(seq_id, n, commit, with_tokens=False))
+        return await self._fork_call(self._forker(seq_id, n, commit, with_tokens=False))
 
     async def fork_with_tokens(self, seq_id: int, n: int = 1, commit: bool = False) -> list[tuple[Sequence, list[int]]]:
         """fork(), each fork with a copy of its token ids at the fork: the tokens its stream will
         never show (a caller's view of a generating parent lags behind the engine's)."""
-        return await self.call(self._forker(seq_id, n, commit, with_tokens=True))
+        return await self._fork_call(self._forker(seq_id, n, commit, with_tokens=True))
+
+    async def _fork_call(self, fork: Callable[[], list]) -> list:
+        """call(fork), but a caller cancelled while the engine forks (its client left) releases the
+        forks it will never read, as open_sequence does for a request."""
+        future: Future = Future()
+        self._submit(fork, future)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._release_forks)
+            raise
+
+    def _release_forks(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            for fork in future.result():
+                self.release((fork[0] if isinstance(fork, tuple) else fork).seq_id)
 
     def _forker(self, seq_id: int, n: int, commit: bool, with_tokens: bool) -> Callable[[], list]:
         """The engine-thread half of fork(); the streams are made here, on the caller's loop."""

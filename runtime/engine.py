@@ -703,8 +703,8 @@ def quantized_weights(model: LoadedModel, config: EngineConfig, device: torch.de
         raise InvalidRequestError(f"--weights quantized needs a GGUF model file (or synthetic:NAME:q4_1); "
                                   f"{model.source} is neither")
     if model.quantized is not None:
-        return model.quantized.to(device)
-    quantized = load_quantized_gguf(model.source, model.config)
+        return replace(model.quantized, embed=None).to(device)  # the triton forward reads a float table
+    quantized = replace(load_quantized_gguf(model.source, model.config), embed=None)
     found, total = quantized.count()
     if found == 0:
         if config.weights == "auto":

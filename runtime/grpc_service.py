@@ -20,7 +20,9 @@ Session lifecycle, per branch (branch 0 exists from the start; `fork` adds more)
 - Requests may come at any moment: append, commit and truncate apply in the order they came,
   per branch, and append or commit sent while a reply runs wait for that reply to end (a
   transcript that arrives before the client's barge-in joins the conversation after the
-  reply, kept or dropped as the cancel said), then apply. cancel and fork act at once.
+  reply, kept or dropped as the cancel said), then apply. cancel and fork act at once, but for
+  one thing: sent right after a commit that is still being applied (no reply running yet), they
+  wait for it and then act on the reply it started, as the client meant.
 - `fork` makes a branch with a copy of the history, its live sequence forked in the engine (KV
   shared by refcount). Forking a running reply (search over continuations) gives the new branch
   the reply so far as history and a reply of its own, under a new response_id, sampled on its
@@ -107,9 +109,11 @@ class _Branch:
         self.reply: list[int] = []
         self.reply_prompt_tokens = 0
         self.keep_partial = True
-        # append, commit and truncate, applied in order by `worker` (started on first use)
+        # append, commit and truncate (and a cancel or fork behind a commit), applied in order by
+        # `worker`, started on first use; commits_pending counts commits queued or being applied.
         self.work: asyncio.Queue = asyncio.Queue()
         self.worker: asyncio.Task | None = None
+        self.commits_pending = 0
 
 
 class _Session:
@@ -144,8 +148,12 @@ class _Session:
                                                   "cancel, truncate, fork")
                     if kind != "start" and branch_id not in self.branches:
                         raise InvalidRequestError(f"branch {branch_id} does not exist in this session")
-                    if kind in ORDERED:
-                        self._enqueue(self.branches[branch_id], kind, message)
+                    branch = self.branches.get(branch_id)
+                    # A cancel or fork right behind a commit that is still being applied means the
+                    # reply that commit starts: it waits for the commit (else it acts at once).
+                    if kind in ORDERED or (kind in ("cancel", "fork") and branch.commits_pending
+                                           and not branch.replying):
+                        self._enqueue(branch, kind, message)
                     else:
                         await getattr(self, f"on_{kind}")(message)
                 except LockstepError as exc:
@@ -170,14 +178,15 @@ class _Session:
     def _enqueue(self, branch: _Branch, kind: str, message) -> None:
         if branch.worker is None:
             branch.worker = asyncio.create_task(self._work(branch))
+        branch.commits_pending += kind == "commit"
         branch.work.put_nowait((kind, message))
 
     async def _work(self, branch: _Branch) -> None:
-        """Applies a branch's append, commit and truncate requests in order (None: no more)."""
+        """Applies a branch's queued requests in order (None: no more)."""
         while (item := await branch.work.get()) is not None:
             kind, message = item
             try:
-                while branch.replying and branch.pump is not None:
+                while kind in ORDERED and branch.replying and branch.pump is not None:
                     if kind == "truncate":  # the client cuts the reply: stop it first
                         await self._stop_reply(branch, keep_partial=True)
                     else:
@@ -185,6 +194,8 @@ class _Session:
                 await getattr(self, f"on_{kind}")(message)
             except LockstepError as exc:
                 self.error(branch.id, status_of(exc), str(exc))
+            finally:
+                branch.commits_pending -= kind == "commit"
 
     # --- requests --------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .weights import ModelWeights, without_matrices
+from .weights import ModelWeights
 
 # GGUF types the quantized matmul kernels read, with the bytes of one block of 32 weights.
 KERNEL_QTYPES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
@@ -166,9 +166,3 @@ def blocked_names(blocks: QuantizedWeights | None, embedding: bool = False) -> f
     names |= {"lm_head"} if blocks.lm_head is not None else set()
     names |= {"embed"} if embedding and blocks.embed is not None else set()
     return frozenset(names)
-
-
-def without_blocked_matrices(weights: ModelWeights, blocks: QuantizedWeights | None) -> ModelWeights:
-    """The same weights with None for every matrix `blocks` holds (the embedding table stays: the
-    token lookup reads it); the forward's Linears never touches those."""
-    return without_matrices(weights, blocked_names(blocks))

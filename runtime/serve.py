@@ -31,6 +31,7 @@ def curl_example(host: str, port: int, with_key: bool) -> str:
     """A chat request to paste into a shell (the key is read from the environment, never printed)."""
     key = ' -H "Authorization: Bearer $LOCKSTEP_API_KEY"' if with_key else ""
     body = '{"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}'
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets in a URL
     return f"curl -s http://{host}:{port}/v1/chat/completions -H 'Content-Type: application/json'{key} -d '{body}'"
 
 

@@ -131,7 +131,9 @@ class OpenAIServer:
         async def routing_error(_: Request, exc: StarletteHTTPException):
             # An unknown path (404) or a wrong method (405): OpenAI's shape too, not FastAPI's.
             kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-            return error_response(exc.status_code, f"{exc.detail}: see the README for lockstep's endpoints", kind)
+            response = error_response(exc.status_code, f"{exc.detail}: see the README for lockstep's endpoints", kind)
+            response.headers.update(exc.headers or {})  # a 405 names the methods that work (Allow)
+            return response
 
         @app.exception_handler(ClientDisconnected)
         async def client_left(request: Request, _: ClientDisconnected):
@@ -361,6 +363,7 @@ async def until_disconnected(request: Request, work):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)  # a receive() that failed counts as gone
     if task.cancelled():
         raise ClientDisconnected()
     return task.result()
@@ -391,7 +394,10 @@ def normalize_messages(messages: list) -> list[dict[str, Any]]:
             raise HTTPError(400, f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
         content = message.get("content")
         if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if not all(isinstance(t, str) for t in texts):
+                raise HTTPError(400, f"messages[{i}].content: every text part needs a string 'text'", param="messages")
+            content = "".join(texts)
         if content is None:
             content = ""
         if not isinstance(content, str):
@@ -401,6 +407,7 @@ def normalize_messages(messages: list) -> list[dict[str, Any]]:
         role = message.get("role")
         if not isinstance(role, str) or not role:
             raise HTTPError(400, f"messages[{i}].role must be a non-empty string", param="messages")
+        role = _text(role, f"messages[{i}].role")
         if merged and merged[-1]["role"] == role:
             merged[-1]["content"] += "\n" + content
         else:

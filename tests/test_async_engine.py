@@ -262,3 +262,32 @@ def test_forks_are_bounded_too(make_engine) -> None:
         assert asyncio.run(run()) == 3
     finally:
         served.shutdown()
+
+
+def test_a_caller_that_leaves_during_a_fork_releases_the_forks(make_engine) -> None:
+    """The client left while the engine thread was inside fork(): the forks it will never read
+    are cancelled once the fork returns, instead of running (or holding KV) unread."""
+    served = AsyncEngine(make_engine()).start()
+    engine = served.engine
+    real_fork = engine.fork
+
+    def slow_fork(*args, **kwargs):
+        time.sleep(0.3)  # the caller gives up meanwhile
+        return real_fork(*args, **kwargs)
+    engine.fork = slow_fork
+    try:
+        async def run():
+            parent = await served.open(PROMPTS[0], SamplingParams(max_tokens=4), generate=False)
+            task = asyncio.ensure_future(served.fork(parent, 2))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            deadline = time.monotonic() + 10
+            while (live := await served.call(lambda: sorted(engine.seqs))) != [parent]:
+                assert time.monotonic() < deadline, f"forks still live: {live}"
+                await asyncio.sleep(0.01)
+            assert not [s for s in served._unclaimed if s != parent], "no stream is left for nobody"
+        asyncio.run(asyncio.wait_for(run(), 30))
+    finally:
+        served.shutdown()

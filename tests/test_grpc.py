@@ -426,3 +426,40 @@ def test_requests_during_a_reply_apply_in_order(make_engine) -> None:
     want = make_engine().generate([prompt_ids + more], SamplingParams(temperature=0.0, max_tokens=5,
                                                                      ignore_eos=True))[0]
     assert reply == want.output_ids, "the reply after the barge-in answers the conversation without the dropped one"
+
+
+def test_cancel_or_fork_right_after_a_commit_acts_on_the_reply_it_starts(make_engine) -> None:
+    """A barge-in sent on the heels of its commit (before the reply has started) cancels that
+    reply instead of finding nothing to cancel; a fork sent so gets a reply of its own."""
+    async def body(stub, ae, observer):
+        call = stub.Session()
+        sampling = pb2.SamplingOptions(temperature=0.0, max_tokens=200, ignore_eos=True)
+        await call.write(pb2.SessionRequest(start=pb2.SessionStart(sampling=sampling)))
+        await call.write(pb2.SessionRequest(append=pb2.Append(text=PROMPT)))
+        await next_event(call, "appended")
+        await call.write(pb2.SessionRequest(commit=pb2.Commit()))
+        await call.write(pb2.SessionRequest(cancel=pb2.Cancel(keep_partial=True)))
+        started = (await next_event(call, "reply_started")).reply_started
+        finished = (await next_event(call, "reply_finished")).reply_finished
+        cancelled = (await next_event(call, "cancelled")).cancelled
+        assert finished.finished.finish_reason == "cancelled" and finished.finished.usage.completion_tokens < 200
+        assert cancelled.response_id == started.response_id != 0
+
+        await call.write(pb2.SessionRequest(commit=pb2.Commit(sampling=pb2.SamplingOptions(max_tokens=6))))
+        await call.write(pb2.SessionRequest(fork=pb2.Fork()))
+        ends, child_started = {}, None
+        while len(ends) < 2:
+            event = await next_event(call)
+            kind = event.WhichOneof("event")
+            if kind == "reply_started" and event.reply_started.branch == 1:
+                child_started = event.reply_started
+            elif kind == "reply_finished":
+                ends[event.reply_finished.branch] = event.reply_finished
+        assert child_started is not None, "the fork's reply was announced"
+        assert ends[1].response_id == child_started.response_id
+        assert ends[1].finished.finish_reason == "length"
+        assert ends[1].num_tokens == child_started.num_tokens + ends[1].finished.usage.completion_tokens
+        await call.done_writing()
+        await next_event(call, "end")
+        await wait_for_no_sequences(ae)
+    run_with_server(make_engine, body)

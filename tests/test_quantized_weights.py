@@ -86,7 +86,6 @@ def test_quantized_weights_need_a_gguf_and_the_triton_backend(tmp_path: Path) ->
 
 def test_auto_weights_fall_back_to_dense_and_blocked_matrices_leave_the_float_copy(tmp_path: Path) -> None:
     from lockstep.runtime.engine import quantized_weights
-    from lockstep.runtime.quantized_weights import without_blocked_matrices
 
     f32 = load_model(write_tiny_gguf(tmp_path / "f32.gguf", TinySpec(**SPEC), seed=9), quiet=True)
     # auto on CUDA with a float GGUF: dense, not an error about a flag the user never passed
@@ -94,8 +93,9 @@ def test_auto_weights_fall_back_to_dense_and_blocked_matrices_leave_the_float_co
     q = load_model(write_tiny_gguf(tmp_path / "q.gguf", TinySpec(**SPEC, qtype=T.Q4_1, embed_qtype=T.Q8_0), seed=9),
                    quiet=True)
     blocks = load_quantized_gguf(q.source, q.config)
-    slim = without_blocked_matrices(q.weights, blocks)
+    slim = q.weights_except(blocks)
     assert slim.lm_head is None and slim.embed is q.weights.embed
+    assert q.weights_except(blocks, embedding=True).embed is None
     assert all(layer.wqkv is None and layer.w_down is None and layer.attn_norm is not None for layer in slim.layers)
     assert slim.nbytes() < q.weights.nbytes() / 5
 

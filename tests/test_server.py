@@ -290,6 +290,8 @@ BAD_CHAT = [
     ("message without a role", {"messages": [{"content": "hello"}]}, 400),
     ("message not an object", {"messages": ["hello"]}, 400),
     ("unpaired surrogate in content", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400),
+    ("unpaired surrogate in a role", b'{"messages": [{"role": "us\\ud800er", "content": "hi"}]}', 400),
+    ("text part not text", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400),
 ]
 
 
@@ -328,7 +330,9 @@ def test_unknown_routes_and_methods_and_unannounced_large_bodies(server) -> None
     off at the limit with a 413 instead of being read whole."""
     headers = {"Authorization": f"Bearer {KEY}"}
     assert_openai_error(httpx.get(server["url"] + "/v1/no-such-endpoint", headers=headers), 404)
-    assert_openai_error(httpx.get(server["url"] + "/v1/completions", headers=headers), 405)
+    r = httpx.get(server["url"] + "/v1/completions", headers=headers)
+    assert_openai_error(r, 405)
+    assert "POST" in r.headers["allow"], "a 405 names the method that works"
     # Raw HTTP/1.1: 5 MiB of chunks and no end; the 413 must come without the rest of the body.
     host, port = server["url"].removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as conn:
