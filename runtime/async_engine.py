@@ -132,14 +132,7 @@ class AsyncEngine:
             self._notify("on_added", seq, now)
             return seq
 
-        future: Future = Future()
-        self._submit(add, future)
-        try:
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            # Gone before the engine answered: if the request was added after all, cancel it.
-            future.add_done_callback(self._cancel_if_added)
-            raise
+        return await self._call_or_release(add, lambda seq: [seq.seq_id])
 
     async def outputs(self, seq_id: int) -> AsyncIterator[SeqOutput]:
         """Yields a sequence's outputs, the finished one last (once per sequence: the first call
@@ -170,28 +163,31 @@ class AsyncEngine:
         """Forks a live sequence n times (KV shared by refcount) and gives each fork a stream, in
         one engine-thread call so no output slips between; with commit, the parent and the forks
         then all start generating, each sampling on its own branch."""
-        return await self._fork_call(self._forker(seq_id, n, commit, with_tokens=False))
+        return await self._call_or_release(self._forker(seq_id, n, commit, with_tokens=False),
+                                           lambda forks: [f.seq_id for f in forks])
 
     async def fork_with_tokens(self, seq_id: int, n: int = 1, commit: bool = False) -> list[tuple[Sequence, list[int]]]:
         """fork(), each fork with a copy of its token ids at the fork: the tokens its stream will
         never show (a caller's view of a generating parent lags behind the engine's)."""
-        return await self._fork_call(self._forker(seq_id, n, commit, with_tokens=True))
+        return await self._call_or_release(self._forker(seq_id, n, commit, with_tokens=True),
+                                           lambda forks: [f.seq_id for f, _ in forks])
 
-    async def _fork_call(self, fork: Callable[[], list]) -> list:
-        """call(fork), but a caller cancelled while the engine forks (its client left) releases the
-        forks it will never read, as open_sequence does for a request."""
+    async def _call_or_release(self, fn: Callable[[], T], made: Callable[[T], list[int]]) -> T:
+        """call(fn) for a command that makes sequences (`made` lists their ids from its result).
+        A caller gone before the engine answered (its client left) will never read them: once
+        fn has run, they are released."""
         future: Future = Future()
-        self._submit(fork, future)
+        self._submit(fn, future)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            future.add_done_callback(self._release_forks)
+            future.add_done_callback(lambda done: self._release_made(done, made))
             raise
 
-    def _release_forks(self, future: Future) -> None:
+    def _release_made(self, future: Future, made: Callable[[object], list[int]]) -> None:
         if not future.cancelled() and future.exception() is None:
-            for fork in future.result():
-                self.release((fork[0] if isinstance(fork, tuple) else fork).seq_id)
+            for seq_id in made(future.result()):
+                self.release(seq_id)
 
     def _forker(self, seq_id: int, n: int, commit: bool, with_tokens: bool) -> Callable[[], list]:
         """The engine-thread half of fork(); the streams are made here, on the caller's loop."""
@@ -233,10 +229,6 @@ class AsyncEngine:
         """The caller will not read this sequence (its request failed or left before it did):
         cancel it at the next step and drop its stream. Returns at once; any thread."""
         self._submit(lambda: self._abandon(seq_id), Future())
-
-    def _cancel_if_added(self, future: Future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self.release(getattr(future.result(), "seq_id", future.result()))
 
     def _abandon(self, seq_id: int) -> None:
         """Nobody listens to this sequence any more (engine thread): cancel it, drop its stream."""
