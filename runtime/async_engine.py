@@ -315,7 +315,6 @@ class AsyncEngine:
                 for seq_id in dict.fromkeys(out.seq_id for _, out in deliveries):
                     self._abandon(seq_id)
 
-
     def _notify(self, event: str, *args) -> None:
         """Tells every observer of an event. An observer's bug is logged, never raised: metrics or
         the request log must not stop the engine thread, or a stream from getting its outputs."""

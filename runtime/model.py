@@ -113,7 +113,11 @@ class TorchModel:
         if self.native_ops:
             return self.forward_native(inputs)
         cfg = self.config
-        x = self.embedding(inputs.token_ids)
+        if self.w.embed is not None:
+            x = self.w.embed[inputs.token_ids]
+        else:  # only GGUF blocks (a native CPU engine run with torch's ops, as a test does)
+            x = torch.empty(inputs.token_ids.shape[0], cfg.hidden_size, dtype=torch.float32)
+            self.embed_into(inputs.token_ids, x)
         cos = self.cos[inputs.positions].unsqueeze(1)
         sin = self.sin[inputs.positions].unsqueeze(1)
         for layer_idx, layer in enumerate(self.w.layers):
@@ -133,17 +137,16 @@ class TorchModel:
         x = self.rms_norm(x[inputs.logit_rows], self.w.final_norm)
         return self.linear(x, None, "lm_head")
 
-    def embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """The rows of the embedding table for token_ids: the float table, or, where the engine
-        kept only its GGUF blocks (the native CPU path), those rows decoded."""
+    def embed_into(self, token_ids: torch.Tensor, out: torch.Tensor, op=None) -> None:
+        """out[t] = the embedding of token_ids[t]: from the float table, or, where the engine kept
+        only its GGUF blocks (the native CPU path), those rows decoded by `op` (lockstep._core)."""
         if self.w.embed is not None:
-            return self.w.embed[token_ids]
-        from lockstep import _core
-
+            torch.index_select(self.w.embed, 0, token_ids, out=out)
+            return
+        if op is None:
+            from lockstep import _core as op
         table = self.linear.blocks.embed
-        out = torch.empty(token_ids.shape[0], self.config.hidden_size, dtype=torch.float32)
-        _core.dequantize_rows(table.numpy(), table.qtype, token_ids.numpy(), out.numpy())
-        return out
+        op.dequantize_rows(table.numpy(), table.qtype, token_ids.numpy(), out.numpy())
 
     def forward_native(self, inputs: StepInputs) -> torch.Tensor:
         """forward() with RMSNorm, RoPE + cache write and attention on lockstep._core's CPU ops.
@@ -159,11 +162,7 @@ class TorchModel:
         buf = {name: self.workspace.activation(name)[:rows] for name in ("x", "h", "qkv", "attn", "out", "gate_up", "act")}
         x_t, gate_up_t, act_t = buf["x"], buf["gate_up"], buf["act"]
         x, h, qkv, attn, out, gate_up, act = (buf[n].numpy() for n in ("x", "h", "qkv", "attn", "out", "gate_up", "act"))
-        # The residual stream, updated in place; from the embedding's GGUF blocks when it has them.
-        if self._embed_rows is not None:
-            op.dequantize_rows(self._embed_rows[1], self._embed_rows[0], inputs.token_ids.numpy(), x)
-        else:
-            torch.index_select(self.w.embed, 0, inputs.token_ids, out=x_t)
+        self.embed_into(inputs.token_ids, x_t, op)  # the residual stream, updated in place
         gate_t, up_t = gate_up_t.chunk(2, dim=-1)
         q = qkv[:, :cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
         k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -222,7 +221,6 @@ class TorchModel:
             blocks = self.linear.blocks  # every matrix: the native path is only on with with_float_rows
             rows = lambda m: (m.qtype, m.numpy())  # noqa: E731
             self._lm_head = rows(blocks.lm_head)
-            self._embed_rows = None if self.w.embed is not None else rows(blocks.embed)
             self._views = [
                 _LayerViews(layer.attn_norm.numpy(), layer.ffn_norm.numpy(), self.kv.k[i].numpy(),
                             self.kv.v[i].numpy(), rows(b.wqkv), rows(b.wo), rows(b.w_gate_up), rows(b.w_down),
