@@ -304,7 +304,7 @@ void sample_tokens(const py::object& logits_obj, const py::object& temperature_o
                    const py::object& top_k_obj, const py::object& top_p_obj,
                    const py::object& min_p_obj, const py::object& seeds_obj,
                    const py::object& positions_obj, const py::object& branches_obj,
-                   const py::object& tokens_out_obj) {
+                   const py::object& tokens_out_obj, const py::object& logprobs_out_obj) {
   const auto f32 = py::dtype::of<float>();
   const auto i64 = py::dtype::of<std::int64_t>();
   const py::array logits = array_arg("logits", logits_obj, f32, "float32", 2, true);
@@ -325,6 +325,14 @@ void sample_tokens(const py::object& logits_obj, const py::object& temperature_o
   py::array tokens_out = column("tokens_out", tokens_out_obj, i64, "int64");
   expect_writeable("tokens_out", tokens_out);
   expect_apart("tokens_out", tokens_out, "logits", logits);
+  float* logprobs_out = nullptr;
+  py::array logprobs;  // held until the call returns
+  if (!logprobs_out_obj.is_none()) {
+    logprobs = column("logprobs_out", logprobs_out_obj, f32, "float32");
+    expect_writeable("logprobs_out", logprobs);
+    expect_apart("logprobs_out", logprobs, "logits", logits);
+    logprobs_out = static_cast<float*>(logprobs.mutable_data());
+  }
   const lockstep::cpu::SamplingBatch batch{
       static_cast<const float*>(logits.data()), R, logits.shape(1),
       R > 1 ? logits.strides(0) / logits.itemsize() : logits.shape(1),
@@ -336,7 +344,7 @@ void sample_tokens(const py::object& logits_obj, const py::object& temperature_o
       static_cast<const std::int64_t*>(branches.data())};
   auto* out = static_cast<std::int64_t*>(tokens_out.mutable_data());
   py::gil_scoped_release release;
-  lockstep::cpu::sample_tokens(batch, out);
+  lockstep::cpu::sample_tokens(batch, out, logprobs_out);
 }
 
 // ---- Block allocator: the prefix cache's token arrays ----
@@ -353,6 +361,16 @@ void publish(BlockAllocator& a, BlockAllocator::Handle h, const py::object& toke
   const py::array tokens =
       array_arg("tokens", tokens_obj, py::dtype::of<std::int64_t>(), "int64", 1);
   a.publish(h, static_cast<const std::int64_t*>(tokens.data()), tokens.shape(0), num_computed);
+}
+
+std::pair<std::int64_t, std::vector<BlockAllocator::Copy>> append_one_each(
+    BlockAllocator& a, const py::object& handles_obj) {
+  const py::array handles =
+      array_arg("handles", handles_obj, py::dtype::of<std::int64_t>(), "int64", 1);
+  std::vector<BlockAllocator::Copy> copies;
+  const std::int64_t grown =
+      a.append_one_each(static_cast<const BlockAllocator::Handle*>(handles.data()), handles.shape(0), copies);
+  return {grown, std::move(copies)};
 }
 
 // ---- Step planner: the caller's arrays, checked once and held for the planner's life. ----
@@ -470,6 +488,12 @@ only blocks not yet published are looked at. Does nothing without the prefix cac
       .def("append", &BlockAllocator::append, py::arg("h"), py::arg("n"),
            "Grow h by n token slots; returns [(src, dst), ...] copies to do before writing.\n"
            "Raises ArenaExhaustedError, changing nothing, if the arena is short.")
+      .def("append_one_each", &append_one_each, py::arg("handles"), R"doc(
+(grown, copies): grows each handle of handles (numpy int64 [n]) by one token slot, in order,
+as append(h, 1) for each would, stopping before the first one the arena is too short for
+(it and the rest are unchanged). grown: how many grew; copies: their [(src, dst), ...], to do
+in that order before writing. Raises ValueError, changing nothing, for an unknown handle.
+)doc")
       .def("fork", &BlockAllocator::fork, py::arg("h"),
            "New handle sharing all of h's blocks and tokens. O(1).")
       .def("truncate", &BlockAllocator::truncate, py::arg("h"), py::arg("n_tokens"),
@@ -556,10 +580,13 @@ An id outside [0, N) or a malformed argument raises ValueError naming it, before
 
   m.def("sample_tokens", &sample_tokens, py::arg("logits"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("seeds"),
-        py::arg("positions"), py::arg("branches"), py::arg("tokens_out"), R"doc(
+        py::arg("positions"), py::arg("branches"), py::arg("tokens_out"),
+        py::arg("logprobs_out") = py::none(), R"doc(
 One token per row of logits, written into tokens_out: the rule of runtime.sampler.sample_row
 (greedy where temperature <= 0; else temperature, top-k, top-p, min-p and an inverse-CDF pick
 with uniform(seed, position, branch)) without sorting the vocabulary (cpp/cpu/sampling.h).
+With logprobs_out (float32 [R]), also each chosen token's log-probability under the raw
+logits, summed in one fixed order per row (NaN logits count as -inf).
 
 logits: float32 [R, V], rows C-contiguous, any row stride; temperature, top_p, min_p: float32
 [R]; top_k, positions, branches: int64 [R]; seeds: uint64 [R]; tokens_out: int64 [R]. Each

@@ -185,6 +185,17 @@ std::vector<BlockAllocator::Copy> BlockAllocator::append(Handle h, std::int64_t 
   return copies;
 }
 
+std::int64_t BlockAllocator::append_one_each(const Handle* handles, std::int64_t n,
+                                             std::vector<Copy>& copies) {
+  for (std::int64_t i = 0; i < n; ++i) lookup(handles[i]);  // an unknown handle throws before any change
+  for (std::int64_t i = 0; i < n; ++i) {
+    const Sequence& s = lookup(handles[i]);
+    if (needed(s, 1) > num_free_blocks()) return i;
+    for (const Copy& copy : append(handles[i], 1)) copies.push_back(copy);
+  }
+  return n;
+}
+
 BlockAllocator::Handle BlockAllocator::fork(Handle h) {
   const Sequence parent = lookup(h);
   hold(parent.tail);

@@ -118,6 +118,14 @@ class BlockAllocator {
   // Throws ArenaExhausted, changing nothing, if the free list is too short.
   std::vector<Copy> append(Handle h, std::int64_t n);
 
+  // Grows handles[0, n) by one token slot each, in order, exactly as n calls of append(h, 1)
+  // would, stopping before the first one the arena cannot supply (it and those after it are
+  // left as they were). Returns how many grew; their copies are appended to `copies` in call
+  // order, and must be done in that order: a later copy may write a block an earlier one
+  // reads. Throws std::invalid_argument, changing nothing, if a handle is unknown. A decode
+  // step reserves every sequence's next slot with one call.
+  std::int64_t append_one_each(const Handle* handles, std::int64_t n, std::vector<Copy>& copies);
+
   // A new sequence sharing all of h's blocks and tokens. O(1).
   Handle fork(Handle h);
 

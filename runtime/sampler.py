@@ -89,24 +89,29 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[
     `banned[r]` are token ids that may not be chosen (stop tokens before min_tokens).
     """
     raw = logits.float()
-    tokens = np.empty(len(params), dtype=np.int64)
-    column = lambda values, dtype: np.array(values, dtype=dtype)  # noqa: E731
+    rows = len(params)
+    tokens = np.empty(rows, dtype=np.int64)
+    chosen = np.empty(rows, dtype=np.float32)
+    seeds, positions, branches = zip(*keys) if keys else ((), (), ())
+    banned_rows = _banned_rows(banned)
     _core.sample_tokens(
-        _without_banned(raw, banned, _banned_rows(banned)).numpy(),
-        temperature=column([p.temperature for p in params], np.float32),
-        top_k=column([p.top_k for p in params], np.int64),
-        top_p=column([p.top_p for p in params], np.float32),
-        min_p=column([p.min_p for p in params], np.float32),
-        seeds=column([k[0] for k in keys], np.uint64),
-        positions=column([k[1] for k in keys], np.int64),
-        branches=column([k[2] for k in keys], np.int64),
+        _without_banned(raw, banned, banned_rows).numpy(),
+        temperature=np.array([p.temperature for p in params], np.float32),
+        top_k=np.array([p.top_k for p in params], np.int64),
+        top_p=np.array([p.top_p for p in params], np.float32),
+        min_p=np.array([p.min_p for p in params], np.float32),
+        seeds=np.array(seeds, np.uint64),
+        positions=np.array(positions, np.int64),
+        branches=np.array(branches, np.int64),
         tokens_out=tokens,
+        logprobs_out=chosen,  # under the rows the C++ sampler saw: a banned row's is redone below
     )
-    # A chosen token's logprob is under the model's raw distribution, bans or not. log_softmax
-    # reduces each row in one thread (batch-invariant), where logsumexp may split a row.
-    logprobs = torch.log_softmax(raw, dim=-1)
-    chosen = logprobs.gather(1, torch.from_numpy(tokens)[:, None])[:, 0].tolist()
-    return SampleResult(tokens.tolist(), chosen, _top_logprobs(logprobs, params))
+    logprobs = chosen.tolist()
+    tops = _top_logprobs(raw, params, tokens, logprobs)
+    for r in banned_rows:
+        if not params[r].logprobs:  # (with top logprobs, _top_logprobs has set it already)
+            logprobs[r] = float(torch.log_softmax(raw[r], -1)[int(tokens[r])])
+    return SampleResult(tokens.tolist(), logprobs, tops)
 
 
 def _banned_rows(banned: list[frozenset[int]] | None) -> list[int]:
@@ -123,12 +128,20 @@ def _without_banned(rows: torch.Tensor, banned: list[frozenset[int]] | None, ban
     return rows
 
 
-def _top_logprobs(logprobs: torch.Tensor, params: list[SamplingParams]) -> list[list[tuple[int, float]]]:
+def _top_logprobs(raw: torch.Tensor, params: list[SamplingParams], tokens, logprobs: list[float]
+                  ) -> list[list[tuple[int, float]]]:
+    """Per row, the params.logprobs most likely tokens under the raw logits (log_softmax of that
+    row alone: batch-invariant). Such a row's chosen logprob is set from the same log_softmax,
+    so the chosen token and its entry in the list always agree to the bit."""
+    if not any(p.logprobs for p in params):
+        return [[] for _ in params]
     tops = []
     for r, p in enumerate(params):
         if p.logprobs:
-            vals, ids = torch.topk(logprobs[r], p.logprobs)
+            row = torch.log_softmax(raw[r], dim=-1)
+            vals, ids = torch.topk(row, p.logprobs)
             tops.append(list(zip(ids.tolist(), vals.tolist())))
+            logprobs[r] = float(row[int(tokens[r])])
         else:
             tops.append([])
     return tops
@@ -159,10 +172,10 @@ def sample_with_kernel(logits: torch.Tensor, params: list[SamplingParams], keys:
         positions=column([k[1] for k in keys], torch.int64),
         branches=column([k[2] for k in keys], torch.int64),
     )
-    logprobs = torch.log_softmax(raw, dim=-1) if banned_rows or any(p.logprobs for p in params) else None
     if banned_rows:
         # A banned row's logprob is under the model's own distribution, not the masked one. Only
         # those rows are recomputed, so a row's logprob never depends on its neighbours' bans.
         idx = torch.tensor(banned_rows, device=device)
-        chosen[idx] = logprobs[idx].gather(1, tokens[idx, None]).squeeze(1)
-    return SampleResult(tokens.tolist(), chosen.tolist(), _top_logprobs(logprobs, params))
+        chosen[idx] = torch.log_softmax(raw[idx], dim=-1).gather(1, tokens[idx, None]).squeeze(1)
+    token_list, logprobs = tokens.tolist(), chosen.tolist()
+    return SampleResult(token_list, logprobs, _top_logprobs(raw, params, token_list, logprobs))

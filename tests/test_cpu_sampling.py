@@ -104,6 +104,34 @@ def test_nan_logits_are_never_chosen() -> None:
         assert not torch.isnan(logits[torch.arange(4), tokens]).any(), tokens
 
 
+def test_logprobs_out_is_the_raw_log_softmax_with_nan_as_minus_inf() -> None:
+    """The chosen token's logprob, made beside the token in C++, against torch's log_softmax of
+    the raw row (no temperature or filter), NaN taken as -inf; for greedy and sampled rows, rows
+    with -inf and NaN logits, a row whose every other logit is -inf, and a one-token vocabulary."""
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(6, 3001, generator=gen) * 4
+    logits[1, ::7] = float("-inf")
+    logits[2, torch.randperm(3001, generator=gen)[:900]] = float("nan")
+    logits[3] = float("-inf")
+    logits[3, 1234] = 0.5
+    temperature = np.array([0.0, 0.7, 0.0, 1.3, 1.0, 2.0], np.float32)
+    tokens, logprobs = np.empty(6, np.int64), np.full(6, np.nan, np.float32)
+    _core.sample_tokens(logits.numpy(), temperature=temperature, top_k=np.zeros(6, np.int64),
+                        top_p=np.full(6, 0.95, np.float32), min_p=np.zeros(6, np.float32),
+                        seeds=np.arange(6, dtype=np.uint64), positions=np.arange(6, dtype=np.int64) * 3,
+                        branches=np.zeros(6, np.int64), tokens_out=tokens, logprobs_out=logprobs)
+    raw = torch.log_softmax(torch.nan_to_num(logits, nan=float("-inf")), -1)
+    expected = raw.gather(1, torch.from_numpy(tokens)[:, None])[:, 0]
+    torch.testing.assert_close(torch.from_numpy(logprobs), expected, atol=2e-5, rtol=1e-5)
+    assert tokens[3] == 1234 and logprobs[3] == 0.0
+    one, one_lp = np.empty(1, np.int64), np.empty(1, np.float32)
+    _core.sample_tokens(np.array([[3.0]], np.float32), temperature=np.ones(1, np.float32), top_k=np.zeros(1, np.int64),
+                        top_p=np.ones(1, np.float32), min_p=np.zeros(1, np.float32), seeds=np.zeros(1, np.uint64),
+                        positions=np.zeros(1, np.int64), branches=np.zeros(1, np.int64), tokens_out=one,
+                        logprobs_out=one_lp)
+    assert one[0] == 0 and one_lp[0] == 0.0
+
+
 def test_rows_do_not_depend_on_the_batch_the_thread_count_or_the_row_stride() -> None:
     batch = make_rows(24, 3000, torch.float32, seed=6)
     batch.update(temperature=batch["temperature"].clamp(min=0.5))  # all sampled
@@ -163,6 +191,8 @@ def _core_args(rows: int = 3, vocab: int = 50) -> dict:
     ("top_p", lambda a: a.update(top_p=a["top_p"][:2]), "expected shape"),
     ("seeds", lambda a: a.update(seeds=a["seeds"].astype(np.int64)), "expected dtype uint64"),
     ("tokens_out", lambda a: a["tokens_out"].setflags(write=False), "is read-only"),
+    ("logprobs_out", lambda a: a.update(logprobs_out=np.empty(3, np.float64)), "expected dtype float32"),
+    ("logprobs_out", lambda a: a.update(logprobs_out=np.empty(2, np.float32)), "expected shape"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(name: str, change, message: str) -> None:
     args = _core_args()

@@ -132,17 +132,26 @@ struct Scratch {
   std::vector<Token> tokens, spare;
 };
 
-std::int64_t greedy_row(const float* logits, std::int64_t V) {
-  std::int64_t best = 0;
-  float best_value = -std::numeric_limits<float>::infinity();
-  bool found = false;
-  for (std::int64_t i = 0; i < V; ++i) {
-    const float v = logits[i];
-    if (!std::isnan(v) && (!found || v > best_value)) {
-      best = i, best_value = v, found = true;
-    }
+// The largest logit, NaN skipped (-inf if there is none). Eight running maxima: the compiler
+// may not reorder one float max chain, but it vectorizes eight independent ones.
+__attribute__((target_clones("avx2", "default")))
+float row_max(const float* x, std::int64_t V) {
+  float lane_max[8];
+  std::fill(lane_max, lane_max + 8, -std::numeric_limits<float>::infinity());
+  std::int64_t tail = 0;
+  for (; tail + 8 <= V; tail += 8) {
+    for (int j = 0; j < 8; ++j) lane_max[j] = x[tail + j] > lane_max[j] ? x[tail + j] : lane_max[j];  // NaN: false
   }
-  return best;
+  for (; tail < V; ++tail) lane_max[0] = x[tail] > lane_max[0] ? x[tail] : lane_max[0];
+  return *std::max_element(lane_max, lane_max + 8);
+}
+
+// The first index of the largest logit; 0 if every logit is NaN.
+std::int64_t greedy_row(const float* logits, std::int64_t V, float max_x) {
+  for (std::int64_t i = 0; i < V; ++i) {
+    if (logits[i] == max_x) return i;
+  }
+  return 0;
 }
 
 std::int64_t sample_row(const float* logits, std::int64_t V, float temperature, std::int64_t top_k,
@@ -156,14 +165,7 @@ std::int64_t sample_row(const float* logits, std::int64_t V, float temperature, 
     const float v = logits[i] / temperature;
     x[i] = std::isnan(v) ? kNegInf : v;
   }
-  float lane_max[8];  // eight running maxima: the compiler may not reorder one float max chain
-  std::fill(lane_max, lane_max + 8, kNegInf);
-  std::int64_t tail = 0;
-  for (; tail + 8 <= V; tail += 8) {
-    for (int j = 0; j < 8; ++j) lane_max[j] = std::max(lane_max[j], x[tail + j]);
-  }
-  for (; tail < V; ++tail) lane_max[0] = std::max(lane_max[0], x[tail]);
-  const float max_x = *std::max_element(lane_max, lane_max + 8);
+  const float max_x = row_max(x, V);
   if (max_x == kNegInf) return 0;  // nothing can be chosen: the first token of the order
   if (max_x == -kNegInf) {
     for (std::int64_t i = 0; i < V; ++i) e[i] = x[i] == max_x ? 1.0f : 0.0f;  // +inf - +inf is NaN
@@ -204,6 +206,41 @@ std::int64_t sample_row(const float* logits, std::int64_t V, float temperature, 
   return first_prefix_reaching(tokens.data(), kept, s.spare.data(), u * kept_mass, /*strict=*/true).last;
 }
 
+// log p(token) under the raw logits, given their max. The exps are summed in float over
+// chunks of kChunk tokens (eight lanes, so the compiler vectorizes) and the chunks' sums in
+// double: float lanes alone would lose ~1e-5 of a 49152-token row's mass. The order depends on
+// the row alone. Cloned for AVX2 (chosen at load time by the CPU's features): its exps are
+// most of a greedy row's time, and the baseline build has 4-wide vectors only.
+__attribute__((target_clones("avx2", "default")))
+float raw_logprob(const float* logits, std::int64_t V, std::int64_t token, float max_x) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  constexpr std::int64_t kChunk = 256;
+  const float chosen = logits[token];
+  if (std::isnan(chosen) || chosen == kNegInf) return kNegInf;
+  if (max_x == -kNegInf) return chosen == max_x ? 0.0f : kNegInf;  // +inf: all mass on the +inf tokens
+  double sum = 0.0;
+  for (std::int64_t start = 0; start < V; start += kChunk) {
+    const std::int64_t end = std::min(V, start + kChunk);
+    float lane_sum[8] = {};
+    std::int64_t i = start;
+    for (; i + 8 <= end; i += 8) {
+      for (int j = 0; j < 8; ++j) {
+        const float v = logits[i + j];
+        const float e = exp_nonpositive(v - max_x);
+        lane_sum[j] += v == v ? e : 0.0f;  // NaN counts as -inf
+      }
+    }
+    for (; i < end; ++i) {
+      const float v = logits[i];
+      lane_sum[0] += v == v ? exp_nonpositive(v - max_x) : 0.0f;
+    }
+    float chunk = 0.0f;
+    for (float lane : lane_sum) chunk += lane;
+    sum += chunk;
+  }
+  return static_cast<float>(static_cast<double>(chosen) - max_x - std::log(sum));
+}
+
 }  // namespace
 
 std::array<std::uint32_t, 4> philox4x32_10(std::array<std::uint32_t, 4> c,
@@ -225,26 +262,31 @@ double philox_uniform(std::uint64_t seed, std::int64_t position, std::int64_t br
   return static_cast<double>(r[0] >> 8) * (1.0 / (1 << 24));
 }
 
-void sample_tokens(const SamplingBatch& b, std::int64_t* tokens_out) {
+void sample_tokens(const SamplingBatch& b, std::int64_t* tokens_out, float* logprobs_out) {
   if (b.vocab < 1 || b.vocab > std::numeric_limits<std::int32_t>::max()) {
     throw std::invalid_argument("logits: the vocabulary must have 1 to 2^31 - 1 tokens, got " +
                                 std::to_string(b.vocab));
   }
-  // Greedy rows are a scan; sampled ones an exp per token and a partial sort: worth waking
-  // sleeping workers once there is a vocabulary's worth of exps to share.
+  // Greedy rows are a scan; sampled ones an exp per token and a partial sort, as is a logprob
+  // (an exp per token): worth waking sleeping workers once there are a few vocabularies' worth
+  // of exps to share.
   bool any_sampled = false;
   for (std::int64_t r = 0; r < b.rows; ++r) any_sampled = any_sampled || b.temperature[r] > 0.0f;
-  const bool wake = b.rows > 1 && (any_sampled || b.rows * b.vocab >= (1 << 20));
+  const std::int64_t work = b.rows * b.vocab;
+  const bool wake = b.rows > 1 && (any_sampled || work >= (logprobs_out != nullptr ? (1 << 18) : (1 << 20)));
   ThreadPool::instance().run(static_cast<int>(b.rows), [&](int r) {
     const float* row = b.logits + r * b.row_stride;
+    const float max_x = row_max(row, b.vocab);
+    std::int64_t token;
     if (!(b.temperature[r] > 0.0f)) {
-      tokens_out[r] = greedy_row(row, b.vocab);
-      return;
+      token = greedy_row(row, b.vocab, max_x);
+    } else {
+      thread_local Scratch scratch;
+      const double u = philox_uniform(b.seeds[r], b.positions[r], b.branches[r]);
+      token = sample_row(row, b.vocab, b.temperature[r], b.top_k[r], b.top_p[r], b.min_p[r], u, scratch);
     }
-    thread_local Scratch scratch;
-    const double u = philox_uniform(b.seeds[r], b.positions[r], b.branches[r]);
-    tokens_out[r] = sample_row(row, b.vocab, b.temperature[r], b.top_k[r], b.top_p[r], b.min_p[r],
-                               u, scratch);
+    tokens_out[r] = token;
+    if (logprobs_out != nullptr) logprobs_out[r] = raw_logprob(row, b.vocab, token, max_x);
   }, wake);
 }
 

@@ -50,8 +50,12 @@ struct SamplingBatch {
   const std::int64_t* branches;   // [rows]
 };
 
-// tokens_out[r] for each row, the rows spread over the thread pool. Throws
-// std::invalid_argument if vocab < 1 or vocab does not fit int32.
-void sample_tokens(const SamplingBatch& batch, std::int64_t* tokens_out);
+// tokens_out[r] for each row, the rows spread over the thread pool; with logprobs_out (may be
+// null), also the chosen token's log-probability under the row's raw logits (no temperature or
+// filter): x[t] - max x - log(sum exp(x - max x)), the sum in double in the row's own order,
+// so it too depends on the row alone. NaN logits count as -inf there as well (torch's
+// log_softmax would make the whole row NaN). Throws std::invalid_argument if vocab < 1 or
+// vocab does not fit int32.
+void sample_tokens(const SamplingBatch& batch, std::int64_t* tokens_out, float* logprobs_out = nullptr);
 
 }  // namespace lockstep::cpu
