@@ -8,6 +8,7 @@ copied before a shared partial block is written (copy-on-write).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lockstep._core import ArenaExhaustedError, BlockAllocator
@@ -57,6 +58,14 @@ class KVCache:
             raise CapacityError(str(exc)) from None
         for src, dst in copies:
             self._copy_block(src, dst)
+
+    def reserve_one_each(self, handles: np.ndarray) -> int:
+        """Makes room for one more token of each handle's sequence, in order (one C++ call for a
+        decode step), stopping before the first the arena is too short for; returns how many."""
+        grown, copies = self.allocator.append_one_each(handles)
+        for src, dst in copies:  # in order: a later copy may write a block an earlier one reads
+            self._copy_block(src, dst)
+        return grown
 
     def _copy_block(self, src: int, dst: int) -> None:
         bs = self.block_size

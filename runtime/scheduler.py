@@ -25,6 +25,8 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter
 
 import numpy as np
 
@@ -35,7 +37,7 @@ from .sequence import Sequence, SeqStatus
 from .step_program import ProgramLadder, StepProgram
 
 
-@dataclass
+@dataclass(slots=True)  # one per sequence per step
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens from seq.num_computed on, computed this step
@@ -51,6 +53,9 @@ class ScheduledStep:
     @property
     def num_tokens(self) -> int:
         return sum(item.num_tokens for item in self.items)
+
+
+_last_scheduled = attrgetter("last_scheduled_step")
 
 
 def attention_pairs(seq: Sequence, n: int) -> int:
@@ -100,19 +105,30 @@ class Scheduler:
     def schedule(self) -> ScheduledStep | None:
         self.step_index += 1
         now = self.clock()
-        active = [s for s in self.running if s.num_uncomputed and not s.paused]
-        decodes = [s for s in active if s.num_uncomputed == 1]
-        interactive_decodes = [s for s in decodes if s.params.interactive]
-        budget = min((self._target_s(s) for s in interactive_decodes), default=math.inf)
+        # One pass sorts the running sequences by what they need; it runs every step.
+        interactive_decodes: list[Sequence] = []
+        batch: list[Sequence] = []
+        prefills: list[Sequence] = []
+        for seq in self.running:
+            if seq.paused:
+                continue
+            left = len(seq.token_ids) - seq.num_computed
+            if left == 1:
+                (interactive_decodes if seq.params.latency_class == "interactive" else batch).append(seq)
+            elif left:
+                prefills.append(seq)
+        budget = self._budget_s(interactive_decodes)
         step = _StepBuilder(self, budget, now)
 
-        for seq in interactive_decodes:
-            step.take(seq, 1, force=True)
-        batch = sorted((s for s in decodes if not s.params.interactive), key=lambda s: s.last_scheduled_step)
-        for seq in batch:
-            step.take(seq, 1, force=self.starved(seq, now))
+        step.take_decodes(interactive_decodes)
+        batch.sort(key=_last_scheduled)
+        if budget == math.inf:
+            step.take_decodes(batch)  # no target to keep: every one fits
+        else:
+            for seq in batch:
+                step.take(seq, 1, force=self.starved(seq, now))
 
-        prefills = sorted((s for s in active if s.num_uncomputed > 1), key=lambda s: not s.params.interactive)
+        prefills.sort(key=lambda s: not s.params.interactive)
         for seq in prefills:
             step.take_chunk(seq)
         admission = sorted((s for s in self.waiting if not s.paused), key=lambda s: not s.params.interactive)
@@ -132,9 +148,14 @@ class Scheduler:
         """Whether batch work has waited past its bound (interactive work is never held back)."""
         return now - seq.last_served_time > self.config.batch_max_wait_ms / 1000
 
-    def _target_s(self, seq: Sequence) -> float:
-        target = seq.params.itl_target_ms if seq.params.itl_target_ms is not None else self.config.itl_target_ms
-        return target / 1000
+    def _budget_s(self, interactive_decodes: list[Sequence]) -> float:
+        """The tightest inter-token latency target of the interactive streams decoding now (a
+        request's own, else the engine's); no limit while none is."""
+        if not interactive_decodes:
+            return math.inf
+        default = self.config.itl_target_ms
+        targets = {s.params.itl_target_ms for s in interactive_decodes}
+        return min(default if t is None else t for t in targets) / 1000
 
     def _admit(self, seq: Sequence, step: _StepBuilder) -> bool:
         """Gives a waiting sequence its KV (cached prefix blocks first) and a first chunk, if both fit."""
@@ -223,6 +244,21 @@ class _StepBuilder:
         if rows > self.max_rows or seqs > self.scheduler.config.max_num_seqs:
             return False
         return self._cost(rows, seqs, pairs) <= self.budget
+
+    def take_decodes(self, seqs: list[Sequence]) -> None:
+        """One token of each, not held to the budget (interactive streams, or any when there is
+        no target): the KV slots of all of them in one C++ call. One the arena cannot supply,
+        and those after it, go through take() one by one, which preempts to make room."""
+        room = min(self.max_rows - self.rows, self.scheduler.config.max_num_seqs - len(self.items))
+        ready = [s for s in seqs[:room] if s.handle is not None]
+        grown = self.scheduler.kv.reserve_one_each(np.fromiter((s.handle for s in ready), np.int64, len(ready))) \
+            if ready else 0
+        taken = ready[:grown]
+        self.items.extend(map(ScheduledSeq, taken, repeat(1)))
+        self.rows += grown
+        self.pairs += sum(s.num_computed for s in taken) + grown  # attention_pairs(s, 1) for each
+        for seq in ready[grown:]:
+            self.take(seq, 1, force=True)
 
     def take(self, seq: Sequence, n: int, force: bool = False) -> bool:
         pairs = attention_pairs(seq, n)

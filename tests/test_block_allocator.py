@@ -834,3 +834,53 @@ def test_prefix_cache_bad_arguments() -> None:
     with pytest.raises(ValueError, match="h: unknown sequence handle"):
         a.publish(99, tokens, 4)
     assert a.num_cached_blocks() == 0 and a.num_sequences() == 1
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_append_one_each_is_one_append_at_a_time(seed: int) -> None:
+    """A decode step's one call grows the same blocks, with the same copies in the same order, as
+    append(h, 1) for each handle in turn, and stops where the arena runs dry, as a caller
+    stopping at the first shortage would. Forks make shared partial tails (copy-on-write)."""
+    def build() -> tuple[BlockAllocator, list[int]]:
+        rng = random.Random(seed)
+        a = BlockAllocator(40, 4)
+        handles = []
+        for _ in range(5):
+            handles.append(a.new_sequence())
+            a.append(handles[-1], rng.randrange(1, 10))
+        for _ in range(7):
+            handles.append(a.fork(rng.choice(handles)))
+        rng.shuffle(handles)
+        return a, handles
+
+    batched, order = build()
+    single, same_order = build()
+    assert order == same_order
+    stopped = False
+    for _ in range(12):  # each round a decode step of every sequence, until the arena is short
+        grown, copies = batched.append_one_each(np.array(order, np.int64))
+        expected_copies, expected_grown = [], 0
+        for h in order:
+            if single.blocks_needed(h, 1) > single.num_free_blocks():
+                break
+            expected_copies += single.append(h, 1)
+            expected_grown += 1
+        assert (grown, copies) == (expected_grown, expected_copies)
+        assert snapshot(batched, order) == snapshot(single, order)
+        if grown < len(order):
+            stopped = True
+            break
+    assert stopped, "the arena never ran short: the test did not reach the stop"
+
+
+def test_append_one_each_rejects_an_unknown_handle_changing_nothing() -> None:
+    a = BlockAllocator(8, 4)
+    h = a.new_sequence()
+    a.append(h, 4)
+    child = a.fork(h)
+    before = snapshot(a, [h, child])
+    with pytest.raises(ValueError, match="unknown sequence handle"):
+        a.append_one_each(np.array([h, child, 12345], np.int64))
+    assert snapshot(a, [h, child]) == before
+    with pytest.raises(ValueError, match="handles"):
+        a.append_one_each(np.array([[h]], np.int64))
