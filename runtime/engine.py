@@ -52,6 +52,7 @@ from .sequence import FinishReason, SeqOutput, Sequence, SeqStatus
 log = logging.getLogger("lockstep")
 
 FINISHED_MEMORY = 1 << 16  # finished ids remembered so cancel() can tell "finished" from "unknown"
+_NOTHING_BANNED: frozenset[int] = frozenset()
 
 
 class CancelStatus(str, Enum):
@@ -75,6 +76,22 @@ class RequestResult:
     ttft_s: float
     e2e_s: float
     token_times: list[float] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _StepBatch:
+    """What Engine._gather reads off a scheduled step: the planner's inputs, per item, and which
+    logit rows go where after the forward."""
+
+    handles: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logit_rows: list[int] = field(default_factory=list)
+    prompt_lp: list[tuple[Sequence, int, int, int]] = field(default_factory=list)  # (seq, logits index, position, count)
+    to_sample: list[Sequence] = field(default_factory=list)  # their rows are logits[sample_at[i]]
+    sample_at: list[int] = field(default_factory=list)
+    to_hold: list[tuple[Sequence, int]] = field(default_factory=list)  # prefill-only, at the end of their input
 
 
 class Engine:
@@ -410,30 +427,9 @@ class Engine:
         if step is None:
             return
 
-        logit_rows: list[int] = []
-        prompt_lp: list[tuple[Sequence, int, int, int]] = []  # (seq, logits index, position, count)
-        to_sample: list[tuple[Sequence, int]] = []  # (seq, logits index)
-        to_hold: list[tuple[Sequence, int]] = []  # prefill-only sequences at the end of their input
-        start = 0
-        for item in step.items:
-            seq, n = item.seq, item.num_tokens
-            first = seq.num_computed
-            if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1:
-                # Row i predicts token first + i + 1; only prompt tokens not yet scored.
-                scored = [start + i for i in range(n) if len(seq.prompt_logprobs) <= first + i < seq.num_prompt_tokens - 1]
-                if scored:
-                    prompt_lp.append((seq, len(logit_rows), scored[0] - start + first, len(scored)))
-                    logit_rows.extend(scored)
-            start += n
-            if first + n == len(seq.token_ids):
-                if seq.generating:
-                    to_sample.append((seq, len(logit_rows)))
-                    logit_rows.append(start - 1)
-                elif seq.held_slot is None and len(to_hold) < self.held.num_free:
-                    to_hold.append((seq, len(logit_rows)))
-                    logit_rows.append(start - 1)
+        batch = self._gather(step)
         try:
-            logits = self._run_step(step, logit_rows)
+            logits = self._run_step(step, batch)
         except Exception as exc:  # noqa: BLE001 - one failed step must not take the engine down
             log.exception("step %s failed; failing its %d sequences", step.program.name, len(step.items))
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -441,12 +437,49 @@ class Engine:
                 outputs.append(self._finish(item.seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
             return
         self._advance(step)
-        self._record_prompt_logprobs(logits, prompt_lp)
-        for seq, index in to_hold:
+        self._record_prompt_logprobs(logits, batch.prompt_lp)
+        for seq, index in batch.to_hold:
             seq.held_slot = self.held.hold(logits[index])
-        if to_sample:
-            self._sample([s for s, _ in to_sample],
-                         logits[torch.tensor([i for _, i in to_sample], device=logits.device)], outputs)
+        if batch.to_sample:
+            # Every row is a sampled one in a plain decode step: no gather needed then.
+            rows = logits if len(batch.sample_at) == len(batch.logit_rows) else \
+                logits[torch.tensor(batch.sample_at, device=logits.device)]
+            self._sample(batch.to_sample, rows, outputs)
+
+    def _gather(self, step: ScheduledStep) -> _StepBatch:
+        """The planner's inputs and the logit rows of a scheduled step, in one pass over its items."""
+        batch = _StepBatch()
+        handles, starts, counts, tokens, logit_rows = batch.handles, batch.starts, batch.counts, batch.tokens, \
+            batch.logit_rows
+        start = 0
+        for item in step.items:
+            seq, n = item.seq, item.num_tokens
+            first = seq.num_computed
+            ids = seq.token_ids
+            handles.append(seq.handle)
+            starts.append(first)
+            counts.append(n)
+            if n == 1:
+                tokens.append(ids[first])
+            else:
+                tokens.extend(ids[first:first + n])
+            if seq.params.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1:
+                # Row i predicts token first + i + 1; only prompt tokens not yet scored.
+                scored = [start + i for i in range(n) if len(seq.prompt_logprobs) <= first + i < seq.num_prompt_tokens - 1]
+                if scored:
+                    batch.prompt_lp.append((seq, len(logit_rows), scored[0] - start + first, len(scored)))
+                    logit_rows.extend(scored)
+            start += n
+            if first + n == len(ids):
+                if seq.generating:
+                    batch.to_sample.append(seq)
+                    batch.sample_at.append(len(logit_rows))
+                    logit_rows.append(start - 1)
+                elif seq.held_slot is None and len(batch.to_hold) < self.held.num_free:
+                    batch.to_hold.append((seq, len(logit_rows)))
+                    logit_rows.append(start - 1)
+        return batch
+
 
     def _take_ready(self) -> list[Sequence]:
         """The committed sequences that sample from held logits now: not paused, and still at the
@@ -469,36 +502,45 @@ class Engine:
     def _sample(self, seqs: list[Sequence], rows: torch.Tensor, outputs: list[SeqOutput]) -> None:
         """Samples each sequence's next token from its row of logits, takes it in and appends the
         outputs to `outputs` (the step's own list, so a finish is never lost if a later one raises)."""
+        # One pass builds the sampler's columns; it runs for every sequence of every step.
         sampled: list[Sequence] = []
         keep: list[int] = []
+        params: list[SamplingParams] = []
+        keys: list[tuple[int, int, int]] = []
+        banned: list[frozenset[int]] | None = None  # only once some sequence is below min_tokens
         for i, seq in enumerate(seqs):
-            max_tokens = seq.params.max_tokens
-            if max_tokens is not None and seq.num_new_outputs >= max_tokens:
+            p = seq.params
+            made = len(seq.output_ids) - seq.outputs_at_commit  # seq.num_new_outputs, inlined
+            if p.max_tokens is not None and made >= p.max_tokens:
                 # Already at max_tokens (max_tokens 0: score the prompt only): it ends unsampled.
                 outputs.append(self._finish(seq, FinishReason.LENGTH))
-            else:
-                sampled.append(seq)
-                keep.append(i)
+                continue
+            if made < p.min_tokens and seq.stop_ids:
+                if banned is None:
+                    banned = [_NOTHING_BANNED] * len(sampled)
+                banned.append(seq.stop_ids)
+            elif banned is not None:
+                banned.append(_NOTHING_BANNED)
+            sampled.append(seq)
+            keep.append(i)
+            params.append(p)
+            keys.append((seq.seed, len(seq.token_ids), seq.branch))
         if not sampled:
             return
         if len(keep) < len(seqs):
             rows = rows[torch.tensor(keep, device=rows.device)]
-        choose = sample_with_kernel if self.backend == "triton" else sample
-        rows = rows if self.backend == "triton" else rows.cpu()  # the C++ sampler reads host memory
-        result = choose(rows, [s.params for s in sampled], [(s.seed, len(s.token_ids), s.branch) for s in sampled],
-                        [self._banned_tokens(s) for s in sampled])
-        for seq, token, logprob, top in zip(sampled, result.token_ids, result.logprobs, result.top_logprobs):
-            outputs.append(self._accept_token(seq, token, logprob, top))
+        if self.backend == "triton":
+            result = sample_with_kernel(rows, params, keys, banned)
+        else:
+            result = sample(rows.cpu(), params, keys, banned)  # the C++ sampler reads host memory
+        accept = self._accept_token
+        outputs.extend(map(accept, sampled, result.token_ids, result.logprobs, result.top_logprobs))
 
-    def _run_step(self, step: ScheduledStep, logit_rows: list[int]) -> torch.Tensor:
+    def _run_step(self, step: ScheduledStep, batch: _StepBatch) -> torch.Tensor:
         """Plans the step into the workspace (one C++ call) and runs its program; logits [R, vocab]."""
-        items = step.items
-        handles = np.fromiter((i.seq.handle for i in items), np.int64, len(items))
-        starts = np.fromiter((i.seq.num_computed for i in items), np.int64, len(items))
-        counts = np.fromiter((i.num_tokens for i in items), np.int64, len(items))
-        tokens = np.fromiter(chain.from_iterable(i.seq.token_ids[i.seq.num_computed:i.seq.num_computed + i.num_tokens]
-                                                 for i in items), np.int64, int(counts.sum()))
-        inputs = self.programs.plan(step.program, handles, starts, counts, tokens, logit_rows)
+        inputs = self.programs.plan(step.program, np.array(batch.handles, np.int64), np.array(batch.starts, np.int64),
+                                    np.array(batch.counts, np.int64), np.array(batch.tokens, np.int64),
+                                    batch.logit_rows)
         return self.programs.run(inputs).float()
 
     def _advance(self, step: ScheduledStep) -> None:
@@ -528,44 +570,43 @@ class Engine:
         model_stops = frozenset() if params.ignore_eos else self.tokenizer.stop_ids
         return model_stops | frozenset(params.stop_token_ids)
 
-    @staticmethod
-    def _banned_tokens(seq: Sequence) -> frozenset[int]:
-        return seq.stop_ids if seq.num_new_outputs < seq.params.min_tokens else frozenset()
-
     def _accept_token(self, seq: Sequence, token: int, logprob: float,
                       top: list[tuple[int, float]]) -> SeqOutput:
         # The per-token path of every step: kept to plain list appends and one detokenizer call.
         if seq.held_slot is not None:
             self._drop_held(seq)  # sampled from them, or recomputed them: they are stale now
-        seq.token_ids.append(token)
+        ids = seq.token_ids
+        ids.append(token)
         seq.output_ids.append(token)
-        seq.output_positions.append(len(seq.token_ids) - 1)
+        seq.output_positions.append(len(ids) - 1)
         seq.output_logprobs.append(logprob)
         seq.output_top_logprobs.append(top)
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
-        params = seq.params
-        reason = None
-        if token in seq.stop_ids:
-            reason = FinishReason.STOP  # the stop token's own text is not part of the answer
-        else:
-            before = len(seq.text)
-            seq.text += seq.detok.push(token)
-            if params.stop:
-                cut = self._find_stop_string(seq.text, before, params.stop)
-                if cut is not None:
-                    seq.text = seq.text[:cut]
-                    reason = FinishReason.STOP
-            # seq.num_new_outputs, inlined: this runs for every token of every sequence.
-            if reason is None and ((params.max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit
-                                    >= params.max_tokens) or len(seq.token_ids) >= self.max_model_len):
-                reason = FinishReason.LENGTH
-                seq.text += seq.detok.flush()
         out = SeqOutput(seq.seq_id, token, "", logprob, top)
-        if reason is not None:
-            self._finish(seq, reason, out)
-        else:
+        if token in seq.stop_ids:
+            return self._finish(seq, FinishReason.STOP, out)  # the stop token's own text is not part of the answer
+        params = seq.params
+        stops = params.stop
+        before = len(seq.text)
+        text = seq.text = seq.text + seq.detok.push(token)
+        if stops:
+            cut = self._find_stop_string(text, before, stops)
+            if cut is not None:
+                seq.text = text[:cut]
+                return self._finish(seq, FinishReason.STOP, out)
+        # seq.num_new_outputs, inlined: this runs for every token of every sequence.
+        if (params.max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit >= params.max_tokens) \
+                or len(ids) >= self.max_model_len:
+            seq.text += seq.detok.flush()
+            return self._finish(seq, FinishReason.LENGTH, out)
+        if stops:
             out.text = self._streamable(seq)
+        else:  # _streamable without a stop string to hold back for: all text not yet sent
+            sent = seq.num_chars_sent
+            if sent < len(text):
+                out.text = text[sent:]
+                seq.num_chars_sent = len(text)
         return out
 
     @staticmethod

@@ -12,6 +12,7 @@ all its intermediate memory comes from one pool taken at capture, so a replay al
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -43,14 +44,23 @@ class ProgramRunner:
             ws.host_array("block_tables"), ws.host_array("seq_lens"), ws.host_array("query_start"),
             null_block=kv.scratch_block)
         self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Views by (program, sequences, logit rows): at most programs x seats x rows of them,
+        # views of the one workspace, so they hold no memory of their own.
+        self._inputs: dict[tuple[StepProgram, int, int], StepInputs] = {}
 
     def inputs(self, program: StepProgram, num_seqs: int, num_logits: int) -> StepInputs:
-        """The program's views of the workspace (what a captured graph reads, on CUDA)."""
-        rows = program.num_tokens
-        sizes = {"token_ids": rows, "positions": rows, "slot_mapping": rows, "logit_rows": num_logits,
-                 "block_tables": num_seqs, "seq_lens": num_seqs, "query_start": num_seqs + 1}
-        views = {name: self.workspace.metadata(name)[:sizes[name]] for name in METADATA}
-        return StepInputs(program=program, **views)
+        """The program's views of the workspace (what a captured graph reads, on CUDA). Made once
+        per shape and kept: slicing seven tensors was most of plan()'s time. Callers must not
+        change what it returns (dataclasses.replace makes a variant)."""
+        key = (program, num_seqs, num_logits)
+        inputs = self._inputs.get(key)
+        if inputs is None:
+            rows = program.num_tokens
+            sizes = {"token_ids": rows, "positions": rows, "slot_mapping": rows, "logit_rows": num_logits,
+                     "block_tables": num_seqs, "seq_lens": num_seqs, "query_start": num_seqs + 1}
+            views = {name: self.workspace.metadata(name)[:sizes[name]] for name in METADATA}
+            inputs = self._inputs[key] = StepInputs(program=program, **views)
+        return inputs
 
     def plan(self, program: StepProgram, handles: np.ndarray, starts: np.ndarray, counts: np.ndarray,
              tokens: np.ndarray, logit_rows: list[int]) -> StepInputs:
@@ -77,9 +87,9 @@ class ProgramRunner:
         for program in sorted((p for p in programs if p.kind == "decode"), key=lambda p: -p.num_seqs):
             handles = self._scratch_sequences(program, context=self.kv.block_size)
             try:
-                inputs = self.plan(program, *self._scratch_plan(program, handles, self.kv.block_size),
-                                   logit_rows=[])
-                inputs.logit_rows = self.workspace.graph_io.tensors["row_ids"][:program.num_tokens]
+                planned = self.plan(program, *self._scratch_plan(program, handles, self.kv.block_size),
+                                    logit_rows=[])
+                inputs = replace(planned, logit_rows=self.workspace.graph_io.tensors["row_ids"][:program.num_tokens])
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # compiles the kernels outside the capture

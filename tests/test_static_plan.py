@@ -161,3 +161,31 @@ def test_plan_command_prints_regions_capacity_and_costs(capsys, default_model_pa
     # Resident memory is what the process really holds: at least its weights, which it has read.
     weights = sum(r["nbytes"] for r in plan["regions"] if r["name"].startswith("weights."))
     assert plan["resident_bytes"] is None or plan["resident_bytes"] > weights
+
+
+def test_a_shapes_step_inputs_are_made_once_and_read_the_latest_plan(make_engine) -> None:
+    """ProgramRunner keeps one set of workspace views per (program, sequences, logit rows): a
+    second plan of that shape returns the same views, and they show what that plan wrote, not
+    the first one's. (Every engine test also runs through these kept views.)"""
+    engine = make_engine()
+    programs, kv = engine.programs, engine.kv
+    program = engine.ladder.for_step(2, 2)
+    rng = np.random.default_rng(3)
+    seen = []
+    for context in (5, 9):
+        handles = [kv.allocator.new_sequence() for _ in range(2)]
+        for h in handles:
+            kv.reserve(h, context)
+        tokens = rng.integers(0, engine.model_config.vocab_size, 2, dtype=np.int64)
+        inputs = programs.plan(program, np.array(handles, np.int64), np.full(2, context - 1, np.int64),
+                               np.ones(2, np.int64), tokens, [0, 1])
+        assert inputs.token_ids[:2].tolist() == tokens.tolist()
+        assert inputs.positions[:2].tolist() == [context - 1] * 2
+        assert inputs.seq_lens[:2].tolist() == [context] * 2
+        assert inputs.logit_rows.tolist() == [0, 1]
+        seen.append(inputs)
+        for h in handles:
+            kv.allocator.free(h)
+    assert seen[0] is seen[1]
+    assert programs.plan(program, np.array([], np.int64), np.array([], np.int64), np.array([], np.int64),
+                         np.array([], np.int64), [0]) is not seen[0]  # another number of logit rows
