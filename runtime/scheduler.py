@@ -25,8 +25,10 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import repeat
 from operator import attrgetter
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,10 +39,13 @@ from .sequence import Sequence, SeqStatus
 from .step_program import ProgramLadder, StepProgram
 
 
-@dataclass(slots=True)  # one per sequence per step
-class ScheduledSeq:
+class ScheduledSeq(NamedTuple):  # one per sequence per step: a tuple is the cheapest to make
     seq: Sequence
     num_tokens: int  # tokens from seq.num_computed on, computed this step
+
+
+# Makes ScheduledSeq(seq, n) from a (seq, n) pair without a Python-level call per item.
+_scheduled_from_pair = partial(tuple.__new__, ScheduledSeq)
 
 
 @dataclass
@@ -139,9 +144,10 @@ class Scheduler:
                 break
         if not step.items:
             return None
-        for item in step.items:
-            item.seq.last_scheduled_step = self.step_index
-            item.seq.last_served_time = now
+        index = self.step_index
+        for seq, _ in step.items:
+            seq.last_scheduled_step = index
+            seq.last_served_time = now
         return step.finish()
 
     def starved(self, seq: Sequence, now: float) -> bool:
@@ -254,7 +260,7 @@ class _StepBuilder:
         grown = self.scheduler.kv.reserve_one_each(np.fromiter((s.handle for s in ready), np.int64, len(ready))) \
             if ready else 0
         taken = ready[:grown]
-        self.items.extend(map(ScheduledSeq, taken, repeat(1)))
+        self.items.extend(map(_scheduled_from_pair, zip(taken, repeat(1))))
         self.rows += grown
         self.pairs += sum(s.num_computed for s in taken) + grown  # attention_pairs(s, 1) for each
         for seq in ready[grown:]:
