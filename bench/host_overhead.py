@@ -26,26 +26,34 @@ the default model's (49152), since the CPU sampler's cost grows with both batch 
 
 What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 200 steps per batch):
 - the C++ step planner takes 3 us of a decode step of 64, well inside the 50 us target;
-  ProgramRunner.plan around it takes 15 us, most of it slicing the seven workspace tensors into
-  the step's input views;
-- the whole host step of 64 takes 0.44 ms, about 9x the target: NOT inside it. No one part
-  dominates: the rest of Engine.step 0.17 ms (per-token bookkeeping, stop checks, outputs),
-  the sampler 0.10 ms (greedy, tiny vocabulary: mostly the batch's log_softmax and the Python
-  glue), the scheduler 0.09 ms, the detokenizer 0.06 ms (~1 us a token, in DecodeStream);
-- per sequence the host spends ~7 us a step at batch 64, ~9 us at 16, ~50 us at batch 1. What
-  is left is Python's per-object cost: a few attribute reads, list appends and one output
-  object per sequence per step, each ~0.05-0.1 us, add up to this;
-- this script at the code before DecodeStream and the streamlined bookkeeping (ef7b1d1's
-  runtime/ with this version of the script): 0.54 ms at batch 64, detokenizer 0.11 ms, rest
-  0.24 ms. (Runs before this script favoured byte tokens drew "<filler_N>" tokens, which cost
-  the detokenizer ~4x a real token: 0.81 ms then.);
-- the default model's tokenizer on real text: 0.86 us a token through DecodeStream, 1.8 us
+  ProgramRunner.plan around it 8 us (it keeps one set of workspace views per step shape);
+- the step's planning (schedule, gather, inputs, plan: everything before the forward) takes
+  63 us at batch 64 with the timers on, just OVER the 50 us target; the scheduler is 34 us of
+  it (one pass over the running sequences, and one C++ call, BlockAllocator.append_one_each,
+  for every decode's KV slot);
+- the whole host step of 64 takes 0.28 ms, about 5.5x the target: NOT inside it. The parts
+  after the forward are most of it: per-token bookkeeping, stop checks and outputs 0.10 ms,
+  the sampler 0.07 ms (greedy at a vocabulary of 1024: the chosen tokens' logprobs, an exp per
+  logit, are most of it; on a GPU that is device work), the detokenizer 0.06 ms (~1 us a
+  token, in DecodeStream);
+- the same script, same session, on the runtime before these changes (2abb054, its own _core
+  built apart; two runs of each, alternating): 576 us both times against 280-290 us (later
+  runs of this code, 274-300 us);
+  scheduler 100 -> 34 us, sampler 155 -> 73 us, bookkeeping 213 -> 104 us. (The machine was
+  ~1.3x slower this session than for the 0.44 ms committed before; that run is superseded.);
+- per sequence the host spends ~4.3 us a step at batch 64 (was ~9): a few list appends, one
+  detokenizer call and one output object per sequence, each ~0.05-0.3 us in Python. The 50 us
+  target needs that per-sequence Python out of the step: sequence state and the token
+  epilogue in C++, or host work overlapped with the GPU's step (as vLLM's async scheduling and
+  SGLang's overlap scheduler do);
+- the default model's tokenizer on real text: 0.83 us a token through DecodeStream, 1.7 us
   through the window path (two decodes from Python) it falls back to;
-- sampling with temperature 0.8 / top_p 0.9 at the default model's vocabulary (49152, random
-  logits) costs 0.39 ms for one row and 0.20 ms a row at batch 16 and 64 (the C++ sampler's rows
-  share the two cores); the sort-based sampler before it took 4.1 ms a row (0.28 s for 64).
+- sampling at the default model's vocabulary (49152, random logits): greedy 52 us for one row
+  and 24 us a row at batch 64 (the logprob's exps shared by 2 threads); temperature 0.8 /
+  top_p 0.9 0.43 ms for one row and 0.21 ms a row at batch 16 and 64 (random logits keep most
+  of the vocabulary; the sort-based sampler before it took 4.1 ms a row).
 The machine is shared: back-to-back runs vary by up to 1.5x at batch 64, every part slower
-by the same factor in the slow ones; the committed run is a quiet one.
+by the same factor in the slow ones.
 On CUDA the engine samples with kernels/sampling.py (sample_with_kernel) instead of the C++
 sampler, and its host cost (small tensors to the device, one launch, a sync) is not measured here;
 the scheduler, detokenizer and bookkeeping above are the same there.
