@@ -41,6 +41,8 @@ inline bool key_before(const Token& a, const Token& b) { return a.key < b.key; }
 // The sum of e over tokens[0, n) in double, in eight interleaved partial sums (then pairwise):
 // a single running sum is a chain of dependent adds, 4 cycles each, and was most of a row's
 // time. The order is fixed by n, so the sum is too.
+// Cloned for AVX2 like the passes below; a fixed lane order, so both clones sum alike.
+__attribute__((target_clones("avx2", "default")))
 double mass_of(const Token* tokens, std::int64_t n) {
   double part[8] = {};
   std::int64_t i = 0;
@@ -154,6 +156,9 @@ std::int64_t greedy_row(const float* logits, std::int64_t V, float max_x) {
   return 0;
 }
 
+// Cloned for AVX2: its passes over the row (scale, exp, keys) vectorize twice as wide. The
+// file builds with -ffp-contract=off, so both clones round every operation alike.
+__attribute__((target_clones("avx2", "default")))
 std::int64_t sample_row(const float* logits, std::int64_t V, float temperature, std::int64_t top_k,
                         float top_p, float min_p, double u, Scratch& s) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
