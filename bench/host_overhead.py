@@ -76,13 +76,16 @@ import numpy as np
 import torch
 
 import lockstep.runtime.engine as engine_module
+from lockstep.runtime.async_engine import AsyncEngine
 from lockstep.runtime.config import EngineConfig
 from lockstep.runtime.detokenizer import IncrementalDetokenizer
 from lockstep.runtime.engine import Engine
 from lockstep.runtime.loader import load_model
+from lockstep.runtime.metrics import EngineMetrics
+from lockstep.runtime.request_log import RequestLog
 from lockstep.runtime.sampler import sample
 from lockstep.runtime.sampling_params import SamplingParams
-from lockstep.runtime.sequence import Sequence
+from lockstep.runtime.sequence import SeqOutput, Sequence
 
 from lockstep.bench.report import cpu_name, run_stamp, save_json as save_result  # noqa: E402
 from lockstep.bench.stats import percentile  # noqa: E402
@@ -279,6 +282,30 @@ def time_detokenizer(tokenizer, repeats: int) -> dict:
     return result
 
 
+def time_observers(engine: Engine, batch: int, repeats: int) -> dict:
+    """What a server adds on its engine thread per step: AsyncEngine._dispatch handing one step's
+    outputs (a token for each of `batch` live requests) to the metrics and the request log, the
+    observers `lockstep serve --log-requests` runs. No stream is attached, so only the observers
+    and the dispatch loop are timed."""
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=16)
+    seqs = [engine.add_request([1, 2, 3], params) for _ in range(batch)]
+    served = AsyncEngine(engine, observers=[EngineMetrics(MODEL), RequestLog(engine.tokenizer)])
+    now = time.perf_counter()
+    for seq in seqs:
+        served._notify("on_added", seq, now)
+    outputs = [SeqOutput(seq.seq_id, 65, "A", -0.5) for seq in seqs]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        served._dispatch(outputs)
+        times.append((time.perf_counter_ns() - start) / 1e3)
+    for seq in seqs:
+        engine.cancel(seq.seq_id)
+    engine.step()
+    return {"batch": batch, "repeats": repeats, "median_us": statistics.median(times),
+            "p90_us": percentile(times, 90)}
+
+
 def verdict(rows: list[dict]) -> list[str]:
     """Plain sentences: the planner and the whole host step against the target, at the largest batch."""
     row = rows[-1]
@@ -320,8 +347,10 @@ def main() -> int:
     sampling = [time_sampling(v, b, p, budget_s, most) for v in vocabs for b in batches for p in (GREEDY, SAMPLED)]
     if dry:
         detok, detok_model = time_detokenizer(engine.tokenizer, 1), MODEL
+        observers = time_observers(engine, 4, 5)
     else:
         detok, detok_model = time_detokenizer(load_model(None, quiet=True).tokenizer, 20), "the default model"
+        observers = time_observers(engine, 64, 2000)
 
     print(f"Host work per decode step ({MODEL}, vocabulary {engine.model_config.vocab_size}, null forward, "
           f"{engine.backend} backend on {engine.device}, {torch.get_num_threads()} torch thread(s)); "
@@ -346,6 +375,8 @@ def main() -> int:
     print(f"IncrementalDetokenizer.push alone: {detok_model}'s tokenizer, {detok['tokens']} tokens of real text")
     print(f"  DecodeStream path {detok['stream_us_per_token']:.2f} us/token; window path (two decodes from "
           f"Python) {detok['window_us_per_token']:.2f} us/token")
+    print(f"A server's observers (metrics and request log) on a step of {observers['batch']} tokens: "
+          f"{observers['median_us']:.1f} us median (AsyncEngine._dispatch)")
     print()
     lines = verdict(rows)
     for line in lines:
@@ -362,6 +393,7 @@ def main() -> int:
         "steps": rows,
         "sampling": sampling,
         "detokenizer": {"tokenizer": detok_model, **detok},
+        "observers": observers,
     }
     if not dry:
         save_result(args.out, result)

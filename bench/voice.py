@@ -118,7 +118,7 @@ class StepTimes:
     def on_step(self, engine, seconds) -> None:
         self.seconds.append(seconds)
 
-    def on_output(self, out, now) -> None:
+    def on_outputs(self, outputs, now) -> None:
         pass
 
 

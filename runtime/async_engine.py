@@ -55,7 +55,7 @@ class Observer(Protocol):
 
     def on_step(self, engine: Engine, seconds: float) -> None: ...  # engine.last_step is the step
 
-    def on_output(self, out: SeqOutput, now: float) -> None: ...
+    def on_outputs(self, outputs: list[SeqOutput], now: float) -> None: ...  # a step's, in order, once
 
 
 @dataclass
@@ -299,9 +299,12 @@ class AsyncEngine:
         that runs the steps. One callback delivers the step's outputs in order, and callbacks run
         in the order they were queued, so each stream still sees its outputs in step order."""
         now = time.perf_counter()
+        if outputs:
+            # Once a step, not once an output: observers' per-output calls cost ~1.5 us each
+            # on this thread (97 us a step at 64 streams for the metrics and request log).
+            self._notify("on_outputs", outputs, now)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, SeqOutput]]] = {}
         for out in outputs:
-            self._notify("on_output", out, now)
             stream = self._streams.get(out.seq_id)
             if stream is None:
                 continue

@@ -4,15 +4,17 @@ Names follow vLLM's under the `lockstep:` prefix, so its dashboards read them. E
 measured on the engine thread with time.perf_counter(): a request's arrival is when the caller
 queued it, a token's time is when the engine thread handed it to the caller's stream.
 
-Threads: the observer calls (on_added, on_step, on_output) come from the engine thread only and
+Threads: the observer calls (on_added, on_step, on_outputs) come from the engine thread only and
 are the only ones touching per-request state; render() runs on a server thread and only reads
-prometheus_client objects, which lock themselves.
+prometheus_client objects and StepHistogram, which lock themselves.
 """
 from __future__ import annotations
 
+import threading
 import time
+from bisect import bisect_left
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +24,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .sequence import FinishReason, SeqOutput, Sequence
 
@@ -51,6 +56,45 @@ class _Partial:
         return self.metric.labels(**self.bound, **labels)
 
 
+class StepHistogram(Collector):
+    """A histogram whose values come a step at a time: the inter-token latencies of every stream
+    in a step. prometheus_client's Histogram.observe takes ~0.8 us a value (a lock and a scan of
+    the buckets, in Python); observe_many takes the lock once and finds each value's bucket by
+    bisection, ~0.2 us a value. Exposed like a Histogram: _bucket (cumulative, le), _count, _sum.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float], labels: dict[str, str],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = tuple(sorted(buckets))
+        self.labels = labels
+        self._counts = [0] * (len(self.bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: list[float]) -> None:
+        """Counts each value in the first bucket whose upper bound is >= it (as Histogram does)."""
+        if not values:
+            return
+        bounds, counts = self.bounds, self._counts
+        with self._lock:
+            for value in values:
+                counts[bisect_left(bounds, value)] += 1
+            self._sum += sum(values)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), counts):
+            running += count
+            cumulative.append((floatToGoString(bound), running))
+        family = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        family.add_metric(list(self.labels.values()), cumulative, total)
+        yield family
+
+
 class EngineMetrics:
     """AsyncEngine's observer (runtime/async_engine.py Observer) with its own registry.
 
@@ -77,7 +121,9 @@ class EngineMetrics:
             return Gauge(PREFIX + name, doc, ("model_name",), registry=reg).labels(**model)
 
         self.ttft = histogram("time_to_first_token_seconds", "Arrival to the first generated token.")
-        self.itl = histogram("inter_token_latency_seconds", "Time between two tokens of one request.")
+        # Observed a step at a time (every stream's gap at once), so not a prometheus_client Histogram.
+        self.itl = StepHistogram(PREFIX + "inter_token_latency_seconds", "Time between two tokens of one request.",
+                                 LATENCY_BUCKETS, model, reg)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to the request's terminal output.")
         self.queue_time = histogram("request_queue_time_seconds",
                                     "Arrival to the start of the first step the request was in.")
@@ -95,12 +141,14 @@ class EngineMetrics:
         for reason in FinishReason:  # every reason shows from the start, at 0
             self.request_success.labels(finished_reason=reason.value)
         self._requests: dict[int, _Request] = {}  # live requests; engine thread only
+        self._unscheduled = 0  # of them, those not yet in a step (their queue time is still open)
         self._prefix_seen = (0, 0)  # the allocator's cumulative (queries, hits) at the last step
 
     # --- the observer (engine thread) ---------------------------------------------------------------
 
     def on_added(self, seq: Sequence, now: float) -> None:
         self._requests[seq.seq_id] = _Request(arrival=now)
+        self._unscheduled += 1
         self.prompt_tokens.inc(seq.num_prompt_tokens)
         self.waiting.inc()  # exact again after the next step
 
@@ -116,12 +164,14 @@ class EngineMetrics:
         if step is not None:
             self.step_duration.labels(program=step.program.name).observe(seconds)
             started = time.perf_counter() - seconds
-            for item in step.items:
-                req = self._requests.get(item.seq.seq_id)
-                if req is not None and not req.scheduled:
-                    req.scheduled = True
-                    if req.arrival is not None:
-                        self.queue_time.observe(max(0.0, started - req.arrival))
+            if self._unscheduled:  # a pass over the step only while some request waits for its first
+                for item in step.items:
+                    req = self._requests.get(item.seq.seq_id)
+                    if req is not None and not req.scheduled:
+                        req.scheduled = True
+                        self._unscheduled -= 1
+                        if req.arrival is not None:
+                            self.queue_time.observe(max(0.0, started - req.arrival))
         self.running.set(len(engine.scheduler.running))
         self.waiting.set(engine.scheduler.num_waiting)
         self.kv_usage.set(engine.kv.usage())
@@ -133,22 +183,33 @@ class EngineMetrics:
             self.prefix_hits.inc(hits)
         self._prefix_seen = now
 
-    def on_output(self, out: SeqOutput, now: float) -> None:
-        req = self._requests.get(out.seq_id)
-        if out.token_id is not None:
-            self.generation_tokens.inc()
-            if req is None:  # made on the engine thread without the observer: inter-token times only
-                req = self._requests[out.seq_id] = _Request(arrival=None, scheduled=True)
-            if req.last_token is not None:
-                self.itl.observe(now - req.last_token)
-            elif req.arrival is not None:
-                self.ttft.observe(now - req.arrival)
-            req.last_token = now
-        if out.finished:
-            self.request_success.labels(finished_reason=FinishReason(out.finish_reason).value).inc()
-            if req is not None and req.arrival is not None:
-                self.e2e.observe(now - req.arrival)
-            self._requests.pop(out.seq_id, None)
+    def on_outputs(self, outputs: list[SeqOutput], now: float) -> None:
+        """A step's outputs: one counter increment and one histogram update for all its tokens."""
+        requests = self._requests
+        gaps: list[float] = []
+        tokens = 0
+        for out in outputs:
+            req = requests.get(out.seq_id)
+            if out.token_id is not None:
+                tokens += 1
+                if req is None:  # made on the engine thread without the observer: inter-token times only
+                    req = requests[out.seq_id] = _Request(arrival=None, scheduled=True)
+                if req.last_token is not None:
+                    gaps.append(now - req.last_token)
+                elif req.arrival is not None:
+                    self.ttft.observe(now - req.arrival)
+                req.last_token = now
+            if out.finished:
+                self.request_success.labels(finished_reason=FinishReason(out.finish_reason).value).inc()
+                if req is not None:
+                    if req.arrival is not None:
+                        self.e2e.observe(now - req.arrival)
+                    if not req.scheduled:
+                        self._unscheduled -= 1
+                requests.pop(out.seq_id, None)
+        if tokens:
+            self.generation_tokens.inc(tokens)
+        self.itl.observe_many(gaps)
 
     # --- the server (any thread) ----------------------------------------------------------------------
 

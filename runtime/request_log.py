@@ -43,14 +43,16 @@ class RequestLog:
     def on_step(self, engine: Engine, seconds: float) -> None:
         pass
 
-    def on_output(self, out: SeqOutput, now: float) -> None:
-        entry = self._open.get(out.seq_id)
-        if entry is None:
-            return
-        entry.text.append(out.text)
-        entry.tokens += out.token_id is not None
-        if out.finished:
-            del self._open[out.seq_id]
-            error = f" ({out.error})" if out.finish_reason is FinishReason.ERROR else ""
-            log.info("request %d: %s after %d tokens%s, output %r", out.seq_id, FinishReason(out.finish_reason).value,
-                     entry.tokens, error, "".join(entry.text))
+    def on_outputs(self, outputs: list[SeqOutput], now: float) -> None:
+        opened = self._open
+        for out in outputs:
+            entry = opened.get(out.seq_id)
+            if entry is None:
+                continue
+            entry.text.append(out.text)
+            entry.tokens += out.token_id is not None
+            if out.finished:
+                del opened[out.seq_id]
+                error = f" ({out.error})" if out.finish_reason is FinishReason.ERROR else ""
+                log.info("request %d: %s after %d tokens%s, output %r", out.seq_id,
+                         FinishReason(out.finish_reason).value, entry.tokens, error, "".join(entry.text))

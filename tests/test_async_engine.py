@@ -158,7 +158,7 @@ class _StepCounter:
     def on_step(self, engine, seconds) -> None:
         self.steps += 1
 
-    def on_output(self, out, now) -> None: ...
+    def on_outputs(self, outputs, now) -> None: ...
 
 
 def test_a_step_wakes_the_callers_loop_once_whatever_the_number_of_streams(make_engine) -> None:
@@ -236,7 +236,7 @@ def test_an_observer_that_raises_stops_nothing(make_engine) -> None:
         def on_added(self, *event) -> None:
             raise ValueError("observer bug")
 
-        on_forked = on_step = on_output = on_added
+        on_forked = on_step = on_outputs = on_added
 
     alone = make_engine().generate([PROMPTS[3]], params(3))[0]
     served = AsyncEngine(make_engine(), observers=[Broken()]).start()

@@ -64,6 +64,7 @@ def test_host_overhead_dry_run() -> None:
     assert [row.split("|")[2:4] for row in sampled] == [[" 1 ", " greedy "], [" 1 ", " top_p 0.9, T 0.8 "],
                                                         [" 4 ", " greedy "], [" 4 ", " top_p 0.9, T 0.8 "]], out
     assert "C++ step planner at batch 4" in out and "Whole host step at batch 4" in out, out
+    assert "Step planning at batch 4" in out and "A server's observers (metrics and request log)" in out, out
 
 
 def test_latency_benchmark_dry_run() -> None:

@@ -36,7 +36,7 @@ class CountingObserver:
     def on_step(self, engine, seconds) -> None:
         pass
 
-    def on_output(self, out, now) -> None:
+    def on_outputs(self, outputs, now) -> None:
         pass
 
 

@@ -5,11 +5,15 @@ really had (prompt lengths, generated tokens, how each ended).
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
+import pytest
+
 from lockstep.runtime.async_engine import AsyncEngine
-from lockstep.runtime.metrics import LATENCY_BUCKETS, EngineMetrics
+from lockstep.runtime.metrics import LATENCY_BUCKETS, EngineMetrics, StepHistogram
 from lockstep.runtime.sampling_params import SamplingParams
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 # Long enough to fill several 16-token blocks, so a second run of it hits the prefix cache.
@@ -50,6 +54,35 @@ def test_latency_buckets_resolve_below_a_millisecond() -> None:
     assert value(found, name, le="60.0") == 2
     assert value(found, name, le="+Inf") == 3
     assert value(samples(other), name, le="+Inf") == 0
+
+
+def test_the_step_histogram_exposes_what_prometheus_clients_histogram_would() -> None:
+    """StepHistogram (the inter-token latencies, a step at a time) against prometheus_client's own
+    Histogram fed the same values one by one: fresh random values, values on bucket edges, one
+    past the last bound and an empty step; every bucket, the count and the sum agree."""
+    rng = random.Random(11)
+    registry = CollectorRegistry()
+    batched = StepHistogram("lockstep:gaps_seconds", "doc", LATENCY_BUCKETS, {"model_name": "m"}, registry)
+    reference = Histogram("reference_seconds", "doc", ("model_name",), registry=registry,
+                          buckets=LATENCY_BUCKETS).labels(model_name="m")
+    steps = [[10 ** rng.uniform(-5, 2) for _ in range(rng.randrange(1, 70))] for _ in range(30)]
+    steps += [list(LATENCY_BUCKETS), [], [1e3]]
+    for values in steps:
+        batched.observe_many(values)
+        for v in values:
+            reference.observe(v)
+    by_name: dict[str, dict] = {}
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            base, _, suffix = sample.name.rpartition("_")
+            if suffix in ("bucket", "count", "sum"):
+                key = (suffix, sample.labels.get("le"), sample.labels["model_name"])
+                by_name.setdefault(base, {})[key] = sample.value
+    got, want = by_name["lockstep:gaps_seconds"], by_name["reference_seconds"]
+    assert got.keys() == want.keys() and len(got) == len(LATENCY_BUCKETS) + 3
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert got[("count", None, "m")] == sum(map(len, steps))
 
 
 def test_metrics_match_what_the_requests_had(make_engine) -> None:
