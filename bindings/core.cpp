@@ -347,6 +347,20 @@ void sample_tokens(const py::object& logits_obj, const py::object& temperature_o
   lockstep::cpu::sample_tokens(batch, out, logprobs_out);
 }
 
+void log_softmax(const py::object& logits_obj, const py::object& out_obj) {
+  const py::array logits = array_arg("logits", logits_obj, py::dtype::of<float>(), "float32", 2, true);
+  py::array out = array_arg("out", out_obj, py::dtype::of<float>(), "float32", 2);
+  expect_shape("out", out, {logits.shape(0), logits.shape(1)}, "(rows, vocab) of logits");
+  expect_writeable("out", out);
+  expect_apart("out", out, "logits", logits);
+  const py::ssize_t R = logits.shape(0);
+  const float* x = static_cast<const float*>(logits.data());
+  const std::int64_t stride = R > 1 ? logits.strides(0) / logits.itemsize() : logits.shape(1);
+  float* o = static_cast<float*>(out.mutable_data());
+  py::gil_scoped_release release;
+  lockstep::cpu::log_softmax_rows(x, R, logits.shape(1), stride, o);
+}
+
 // ---- Block allocator: the prefix cache's token arrays ----
 
 std::pair<BlockAllocator::Handle, std::int64_t> new_sequence_cached(BlockAllocator& a,
@@ -592,6 +606,13 @@ logits: float32 [R, V], rows C-contiguous, any row stride; temperature, top_p, m
 [R]; top_k, positions, branches: int64 [R]; seeds: uint64 [R]; tokens_out: int64 [R]. Each
 row is computed by one thread from its own data, so a token does not depend on the batch.
 Runs without the GIL; malformed arguments raise ValueError naming the argument.
+)doc");
+  m.def("log_softmax", &log_softmax, py::arg("logits"), py::arg("out"), R"doc(
+out[r] = log softmax of logits[r] by the C++ sampler's own rule and sums, so out[r, t] is bit
+for bit the logprob sample_tokens(logprobs_out=...) gives token t (NaN logits count as -inf).
+
+logits: float32 [R, V], rows C-contiguous, any row stride; out: float32 [R, V], C-contiguous.
+Each row is computed by one thread. Runs without the GIL; malformed arguments raise ValueError.
 )doc");
   m.def("philox_uniform", &lockstep::cpu::philox_uniform, py::arg("seed"), py::arg("position"),
         py::arg("branch"),

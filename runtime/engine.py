@@ -39,7 +39,7 @@ from .memory_plan import build_memory_plan, human_bytes
 from .model import TorchModel
 from .program_runner import ProgramRunner
 from .quantized_weights import QuantizedWeights, load_quantized_gguf, with_float_rows
-from .sampler import sample, sample_with_kernel
+from .sampler import log_softmax_rows, sample, sample_with_kernel
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledStep, Scheduler
 from .step_program import ProgramLadder
@@ -557,7 +557,7 @@ class Engine:
     def _record_prompt_logprobs(self, logits: torch.Tensor,
                                 prompt_lp: list[tuple[Sequence, int, int, int]]) -> None:
         for seq, index, position, count_rows in prompt_lp:
-            lp = torch.log_softmax(logits[index:index + count_rows].float(), dim=-1)
+            lp = log_softmax_rows(logits[index:index + count_rows])  # as the sampler scores its tokens
             targets = torch.tensor(seq.token_ids[position + 1:position + 1 + count_rows], device=logits.device)
             seq.prompt_logprobs.extend(lp.gather(1, targets[:, None]).squeeze(1).tolist())
             if seq.params.prompt_logprobs:

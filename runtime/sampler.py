@@ -106,12 +106,27 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[
         tokens_out=tokens,
         logprobs_out=chosen,  # under the rows the C++ sampler saw: a banned row's is redone below
     )
-    logprobs = chosen.tolist()
-    tops = _top_logprobs(raw, params, tokens, logprobs)
-    for r in banned_rows:
-        if not params[r].logprobs:  # (with top logprobs, _top_logprobs has set it already)
-            logprobs[r] = float(torch.log_softmax(raw[r], -1)[int(tokens[r])])
-    return SampleResult(tokens.tolist(), logprobs, tops)
+    if banned_rows:
+        # A banned row's logprob is under the model's own distribution, not the masked one: the
+        # same number the row would give that token unbanned.
+        picked = torch.from_numpy(tokens[banned_rows])[:, None]
+        chosen[banned_rows] = log_softmax_rows(raw[torch.tensor(banned_rows)]).gather(1, picked)[:, 0].numpy()
+    return SampleResult(tokens.tolist(), chosen.tolist(), _top_logprobs(raw, params))
+
+
+def log_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's log-softmax [R, V], float32. On the CPU by the C++ sampler's own rule and sums
+    (lockstep._core.log_softmax), so a token's value here is bit for bit the logprob `sample`
+    gives it: a chosen token's logprob is one number whether it came with top logprobs, a ban or
+    prompt scoring. Elsewhere torch's log_softmax."""
+    raw = logits.float()
+    if raw.device.type != "cpu":
+        return torch.log_softmax(raw, dim=-1)
+    if raw.stride(-1) != 1:
+        raw = raw.contiguous()
+    out = torch.empty(raw.shape, dtype=torch.float32)
+    _core.log_softmax(raw.numpy(), out.numpy())
+    return out
 
 
 def _banned_rows(banned: list[frozenset[int]] | None) -> list[int]:
@@ -128,22 +143,16 @@ def _without_banned(rows: torch.Tensor, banned: list[frozenset[int]] | None, ban
     return rows
 
 
-def _top_logprobs(raw: torch.Tensor, params: list[SamplingParams], tokens, logprobs: list[float]
-                  ) -> list[list[tuple[int, float]]]:
-    """Per row, the params.logprobs most likely tokens under the raw logits (log_softmax of that
-    row alone: batch-invariant). Such a row's chosen logprob is set from the same log_softmax,
-    so the chosen token and its entry in the list always agree to the bit."""
-    if not any(p.logprobs for p in params):
-        return [[] for _ in params]
-    tops = []
-    for r, p in enumerate(params):
-        if p.logprobs:
-            row = torch.log_softmax(raw[r], dim=-1)
-            vals, ids = torch.topk(row, p.logprobs)
-            tops.append(list(zip(ids.tolist(), vals.tolist())))
-            logprobs[r] = float(row[int(tokens[r])])
-        else:
-            tops.append([])
+def _top_logprobs(raw: torch.Tensor, params: list[SamplingParams]) -> list[list[tuple[int, float]]]:
+    """Per row, the params.logprobs most likely tokens and their logprobs under the raw logits
+    (each row's own log-softmax: batch-invariant); [] for rows that ask for none."""
+    wanted = [r for r, p in enumerate(params) if p.logprobs]
+    tops: list[list[tuple[int, float]]] = [[] for _ in params]
+    if wanted:
+        rows = log_softmax_rows(raw[torch.tensor(wanted, device=raw.device)])
+        for row, r in zip(rows, wanted):
+            vals, ids = torch.topk(row, params[r].logprobs)
+            tops[r] = list(zip(ids.tolist(), vals.tolist()))
     return tops
 
 
@@ -176,6 +185,5 @@ def sample_with_kernel(logits: torch.Tensor, params: list[SamplingParams], keys:
         # A banned row's logprob is under the model's own distribution, not the masked one. Only
         # those rows are recomputed, so a row's logprob never depends on its neighbours' bans.
         idx = torch.tensor(banned_rows, device=device)
-        chosen[idx] = torch.log_softmax(raw[idx], dim=-1).gather(1, tokens[idx, None]).squeeze(1)
-    token_list, logprobs = tokens.tolist(), chosen.tolist()
-    return SampleResult(token_list, logprobs, _top_logprobs(raw, params, token_list, logprobs))
+        chosen[idx] = log_softmax_rows(raw[idx]).gather(1, tokens[idx, None]).squeeze(1)
+    return SampleResult(tokens.tolist(), chosen.tolist(), _top_logprobs(raw, params))

@@ -132,6 +132,34 @@ def test_logprobs_out_is_the_raw_log_softmax_with_nan_as_minus_inf() -> None:
     assert one[0] == 0 and one_lp[0] == 0.0
 
 
+def test_log_softmax_is_the_samplers_rule_bit_for_bit() -> None:
+    """lockstep._core.log_softmax against torch's (float64, NaN as -inf) on fresh random rows with
+    -inf and NaN logits, a row of one +inf and a strided view; and at each row's chosen token the
+    same float32 as sample_tokens' logprobs_out, for greedy and sampled rows."""
+    gen = torch.Generator().manual_seed(33)
+    logits = torch.randn(5, 4000, generator=gen) * 5
+    logits[1, ::3] = float("-inf")
+    logits[2, torch.randperm(4000, generator=gen)[:1000]] = float("nan")
+    logits[4, 77] = float("inf")
+    rows = logits[:, :3001]  # a row stride of 4000
+    out = np.empty((5, 3001), np.float32)
+    _core.log_softmax(rows.numpy(), out)
+    finite = torch.where(rows.isnan(), torch.tensor(float("-inf")), rows)
+    reference = torch.log_softmax(finite[:4].double(), -1).float()
+    torch.testing.assert_close(torch.from_numpy(out[:4]), reference, atol=2e-5, rtol=1e-5)
+    assert out[4, 77] == 0.0 and np.isneginf(np.delete(out[4], 77)).all()
+    assert np.isneginf(out[1, ::3]).all() and np.isneginf(out[2][rows[2].isnan().numpy()]).all()
+    temperature = np.array([0.0, 0.9, 1.3, 0.0, 0.0], np.float32)
+    tokens, logprobs = np.empty(5, np.int64), np.empty(5, np.float32)
+    _core.sample_tokens(rows.numpy(), temperature=temperature, top_k=np.zeros(5, np.int64), top_p=np.ones(5, np.float32),
+                        min_p=np.zeros(5, np.float32), seeds=np.arange(5, dtype=np.uint64),
+                        positions=np.arange(5, dtype=np.int64), branches=np.zeros(5, np.int64),
+                        tokens_out=tokens, logprobs_out=logprobs)
+    assert (logprobs == out[np.arange(5), tokens]).all()
+    with pytest.raises(ValueError, match="out"):
+        _core.log_softmax(rows.numpy(), np.empty((5, 3000), np.float32))
+
+
 def test_rows_do_not_depend_on_the_batch_the_thread_count_or_the_row_stride() -> None:
     batch = make_rows(24, 3000, torch.float32, seed=6)
     batch.update(temperature=batch["temperature"].clamp(min=0.5))  # all sampled

@@ -230,3 +230,42 @@ def test_commit_refuses_stop_token_ids_outside_the_vocabulary(make_engine) -> No
     engine.commit(seq.seq_id)  # the sequence is untouched and still commits
     engine.run_until_done([seq])
     assert len(seq.output_ids) == 4
+
+
+def test_a_tokens_logprob_is_one_number_whatever_else_the_request_asks(make_engine) -> None:
+    """The chosen token's logprob comes from the C++ sampler; top logprobs, a min_tokens ban and
+    prompt scoring take theirs from lockstep._core.log_softmax, by the same rule and sums. So a
+    request's logprobs are the same numbers, bit for bit, with or without top logprobs, with a
+    ban that changes no token, and when the output is scored back as a prompt."""
+    engine = make_engine()
+    prompt = PROMPTS[1]
+    plain = run_one(engine, prompt, max_tokens=10, **GREEDY)
+    with_tops = run_one(engine, prompt, max_tokens=10, logprobs=3, **GREEDY)
+    unused = next(t for t in range(1000, 2000) if t not in plain.output_ids)
+    banned = run_one(engine, prompt, max_tokens=10, min_tokens=10, stop_token_ids=[unused], **GREEDY)
+    for other in (with_tops, banned):
+        assert other.output_ids == plain.output_ids and other.logprobs == plain.logprobs
+    for (token, logprob), top in zip(zip(plain.output_ids, plain.logprobs), with_tops.top_logprobs):
+        assert dict(top)[token] == logprob  # greedy: the chosen token is in its row's top 3
+    scored = engine.generate([plain.prompt_ids + plain.output_ids],
+                             SamplingParams(max_tokens=0, prompt_logprobs=0, **GREEDY))[0]
+    assert scored.prompt_logprobs[-len(plain.output_ids):] == plain.logprobs
+
+
+def test_bans_in_a_batch_reach_their_own_rows(make_engine) -> None:
+    """The sampler's ban list is built only once some sequence is below min_tokens, behind
+    sequences that end unsampled (max_tokens 0) or have no ban: each request in such a batch
+    gets what it gets alone, and the banned one never makes its stop token before min_tokens."""
+    engine = make_engine()
+    first = run_one(engine, PROMPTS[4], max_tokens=1, **GREEDY).output_ids[0]
+    plist = [SamplingParams(max_tokens=0, **GREEDY), SamplingParams(max_tokens=6, **GREEDY),
+             SamplingParams(max_tokens=6, min_tokens=3, stop_token_ids=[first], **GREEDY),
+             SamplingParams(max_tokens=6, temperature=0.8, seed=3)]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4], PROMPTS[6]]
+    together = engine.generate(prompts, plist)
+    for prompt, params, got in zip(prompts, plist, together):
+        alone = engine.generate([prompt], params)[0]
+        assert (got.output_ids, got.logprobs, got.finish_reason) == (alone.output_ids, alone.logprobs,
+                                                                     alone.finish_reason), prompt
+    assert together[0].output_ids == [] and first not in together[2].output_ids[:3]
+    assert len(together[2].output_ids) >= 3

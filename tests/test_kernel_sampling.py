@@ -23,7 +23,7 @@ from lockstep.kernels.sampling import (
     philox_uniform,
     sample_tokens,
 )
-from lockstep.runtime.sampler import filtered_distribution, uniform
+from lockstep.runtime.sampler import filtered_distribution, sample, sample_with_kernel, uniform
 from lockstep.runtime.sampling_params import SamplingParams
 
 
@@ -214,3 +214,29 @@ def test_compiles_for_gpus_without_spills() -> None:
     jobs = [dict(signature=signature, constexprs=dict(BLOCK=128), arch=arch, num_warps=4) for arch in GPU_ARCHS]
     for arch, usage in zip(GPU_ARCHS, compile_many(_philox_uniform_kernel, jobs)):
         assert_no_spills("philox_uniform", arch, usage)
+
+
+def test_sample_with_kernel_matches_the_cpu_sampler_on_a_mixed_batch() -> None:
+    """runtime.sampler.sample_with_kernel (the engine's sampler on CUDA) against runtime.sampler.sample
+    (the C++ one) on one batch of greedy and sampled rows, rows with top logprobs, a row with a
+    ban (stop tokens below min_tokens) and its unbanned twin: the same tokens; logprobs close
+    (summed in another order); top lists of the same tokens; a banned row's logprob under its
+    unmasked logits, as its twin has it."""
+    gen = torch.Generator().manual_seed(41)
+    logits = torch.randn(6, 700, generator=gen) * 3
+    logits[5] = logits[4]  # the twin of the banned row
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_p=0.9, logprobs=3),
+              SamplingParams(temperature=0.0, logprobs=5), SamplingParams(temperature=1.2, top_k=20, min_p=0.02),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=0.0)]
+    keys = [(9, 100 + r, r % 2) for r in range(6)]
+    top_token = int(logits[4].argmax())
+    banned = [frozenset()] * 4 + [frozenset({top_token}), frozenset()]
+    cpu, kernel = sample(logits, params, keys, banned), sample_with_kernel(logits, params, keys, banned)
+    assert kernel.token_ids == cpu.token_ids and cpu.token_ids[4] != top_token == cpu.token_ids[5]
+    assert kernel.logprobs == pytest.approx(cpu.logprobs, abs=2e-5)
+    raw = torch.log_softmax(logits.double(), -1)
+    assert cpu.logprobs[4] == pytest.approx(float(raw[4, cpu.token_ids[4]]), abs=2e-5)
+    for got, want in zip(kernel.top_logprobs, cpu.top_logprobs):
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=2e-5)
+    assert [len(t) for t in cpu.top_logprobs] == [0, 3, 5, 0, 0, 0]

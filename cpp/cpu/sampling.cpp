@@ -10,6 +10,15 @@
 #include "fast_exp.h"
 #include "thread_pool.h"
 
+// The passes over a row are built twice, for AVX2 and baseline x86-64, and picked when the
+// module loads (GCC's target_clones), as cpu_ops.cpp does; elsewhere (ARM, clang) once. The
+// file builds with -ffp-contract=off, so every clone rounds every operation alike.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LOCKSTEP_CLONE_AVX2 __attribute__((target_clones("avx2", "default")))
+#else
+#define LOCKSTEP_CLONE_AVX2
+#endif
+
 namespace lockstep::cpu {
 
 namespace {
@@ -41,8 +50,8 @@ inline bool key_before(const Token& a, const Token& b) { return a.key < b.key; }
 // The sum of e over tokens[0, n) in double, in eight interleaved partial sums (then pairwise):
 // a single running sum is a chain of dependent adds, 4 cycles each, and was most of a row's
 // time. The order is fixed by n, so the sum is too.
-// Cloned for AVX2 like the passes below; a fixed lane order, so both clones sum alike.
-__attribute__((target_clones("avx2", "default")))
+// Eight lanes in a fixed order, so every clone sums alike.
+LOCKSTEP_CLONE_AVX2
 double mass_of(const Token* tokens, std::int64_t n) {
   double part[8] = {};
   std::int64_t i = 0;
@@ -136,7 +145,7 @@ struct Scratch {
 
 // The largest logit, NaN skipped (-inf if there is none). Eight running maxima: the compiler
 // may not reorder one float max chain, but it vectorizes eight independent ones.
-__attribute__((target_clones("avx2", "default")))
+LOCKSTEP_CLONE_AVX2
 float row_max(const float* x, std::int64_t V) {
   float lane_max[8];
   std::fill(lane_max, lane_max + 8, -std::numeric_limits<float>::infinity());
@@ -156,9 +165,7 @@ std::int64_t greedy_row(const float* logits, std::int64_t V, float max_x) {
   return 0;
 }
 
-// Cloned for AVX2: its passes over the row (scale, exp, keys) vectorize twice as wide. The
-// file builds with -ffp-contract=off, so both clones round every operation alike.
-__attribute__((target_clones("avx2", "default")))
+LOCKSTEP_CLONE_AVX2  // its passes over the row (scale, exp, keys) vectorize twice as wide
 std::int64_t sample_row(const float* logits, std::int64_t V, float temperature, std::int64_t top_k,
                         float top_p, float min_p, double u, Scratch& s) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -211,18 +218,13 @@ std::int64_t sample_row(const float* logits, std::int64_t V, float temperature, 
   return first_prefix_reaching(tokens.data(), kept, s.spare.data(), u * kept_mass, /*strict=*/true).last;
 }
 
-// log p(token) under the raw logits, given their max. The exps are summed in float over
-// chunks of kChunk tokens (eight lanes, so the compiler vectorizes) and the chunks' sums in
+// log(sum of exp(x - max_x)) over a row whose max max_x is finite. The exps are summed in float
+// over chunks of kChunk tokens (eight lanes, so the compiler vectorizes) and the chunks' sums in
 // double: float lanes alone would lose ~1e-5 of a 49152-token row's mass. The order depends on
-// the row alone. Cloned for AVX2 (chosen at load time by the CPU's features): its exps are
-// most of a greedy row's time, and the baseline build has 4-wide vectors only.
-__attribute__((target_clones("avx2", "default")))
-float raw_logprob(const float* logits, std::int64_t V, std::int64_t token, float max_x) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// the row alone. NaN counts as -inf.
+LOCKSTEP_CLONE_AVX2
+double log_mass(const float* logits, std::int64_t V, float max_x) {
   constexpr std::int64_t kChunk = 256;
-  const float chosen = logits[token];
-  if (std::isnan(chosen) || chosen == kNegInf) return kNegInf;
-  if (max_x == -kNegInf) return chosen == max_x ? 0.0f : kNegInf;  // +inf: all mass on the +inf tokens
   double sum = 0.0;
   for (std::int64_t start = 0; start < V; start += kChunk) {
     const std::int64_t end = std::min(V, start + kChunk);
@@ -232,7 +234,7 @@ float raw_logprob(const float* logits, std::int64_t V, std::int64_t token, float
       for (int j = 0; j < 8; ++j) {
         const float v = logits[i + j];
         const float e = exp_nonpositive(v - max_x);
-        lane_sum[j] += v == v ? e : 0.0f;  // NaN counts as -inf
+        lane_sum[j] += v == v ? e : 0.0f;
       }
     }
     for (; i < end; ++i) {
@@ -243,7 +245,30 @@ float raw_logprob(const float* logits, std::int64_t V, std::int64_t token, float
     for (float lane : lane_sum) chunk += lane;
     sum += chunk;
   }
-  return static_cast<float>(static_cast<double>(chosen) - max_x - std::log(sum));
+  return std::log(sum);
+}
+
+// A logit's log-probability given its row's max and log_mass (unused unless max_x is finite).
+// The one formula of both the sampler's chosen logprob and log_softmax_rows, so a token's
+// logprob is the same number whichever of them gave it.
+inline float logprob_of(float x, float max_x, double row_log_mass) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  if (std::isnan(x) || x == -kInf) return -kInf;
+  if (max_x == kInf) return x == kInf ? 0.0f : -kInf;  // all the mass on the +inf logits
+  return static_cast<float>(static_cast<double>(x) - max_x - row_log_mass);
+}
+
+// log p(token) under the raw logits, given their max.
+float raw_logprob(const float* logits, std::int64_t V, std::int64_t token, float max_x) {
+  const bool finite = std::isfinite(max_x);
+  return logprob_of(logits[token], max_x, finite ? log_mass(logits, V, max_x) : 0.0);
+}
+
+LOCKSTEP_CLONE_AVX2
+void log_softmax_row(const float* logits, std::int64_t V, float* out) {
+  const float max_x = row_max(logits, V);
+  const double mass = std::isfinite(max_x) ? log_mass(logits, V, max_x) : 0.0;
+  for (std::int64_t i = 0; i < V; ++i) out[i] = logprob_of(logits[i], max_x, mass);
 }
 
 }  // namespace
@@ -293,6 +318,14 @@ void sample_tokens(const SamplingBatch& b, std::int64_t* tokens_out, float* logp
     tokens_out[r] = token;
     if (logprobs_out != nullptr) logprobs_out[r] = raw_logprob(row, b.vocab, token, max_x);
   }, wake);
+}
+
+void log_softmax_rows(const float* logits, std::int64_t rows, std::int64_t vocab, std::int64_t row_stride,
+                      float* out) {
+  if (vocab < 1) throw std::invalid_argument("logits: the vocabulary must have at least 1 token");
+  ThreadPool::instance().run(static_cast<int>(rows), [&](int r) {
+    log_softmax_row(logits + r * row_stride, vocab, out + r * vocab);
+  }, rows > 1 && rows * vocab >= (1 << 18));
 }
 
 }  // namespace lockstep::cpu

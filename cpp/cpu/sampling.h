@@ -58,4 +58,10 @@ struct SamplingBatch {
 // vocab does not fit int32.
 void sample_tokens(const SamplingBatch& batch, std::int64_t* tokens_out, float* logprobs_out = nullptr);
 
+// out[r, i] = log softmax of row r at i (out: [rows, vocab], contiguous), by the same rule and
+// the same sums as sample_tokens' logprobs_out, so out[r, token] is bit for bit the logprob it
+// gives that token. Each row in one thread. Throws std::invalid_argument if vocab < 1.
+void log_softmax_rows(const float* logits, std::int64_t rows, std::int64_t vocab, std::int64_t row_stride,
+                      float* out);
+
 }  // namespace lockstep::cpu
