@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 from .model import StepInputs
 from .step_program import StepProgram
-from .workspace import METADATA, StepWorkspace
+from .workspace import StepWorkspace
 
 
 class Forward(Protocol):
@@ -44,23 +44,30 @@ class ProgramRunner:
             ws.host_array("block_tables"), ws.host_array("seq_lens"), ws.host_array("query_start"),
             null_block=kv.scratch_block)
         self.graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # Views by (program, sequences, logit rows): at most programs x seats x rows of them,
-        # views of the one workspace, so they hold no memory of their own.
-        self._inputs: dict[tuple[StepProgram, int, int], StepInputs] = {}
+        # The workspace's leading slices, kept by length (see inputs()).
+        self._per_row: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._per_seq: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._logit_rows: dict[int, torch.Tensor] = {}
 
     def inputs(self, program: StepProgram, num_seqs: int, num_logits: int) -> StepInputs:
-        """The program's views of the workspace (what a captured graph reads, on CUDA). Made once
-        per shape and kept: slicing seven tensors was most of plan()'s time. Callers must not
-        change what it returns (dataclasses.replace makes a variant)."""
-        key = (program, num_seqs, num_logits)
-        inputs = self._inputs.get(key)
-        if inputs is None:
-            rows = program.num_tokens
-            sizes = {"token_ids": rows, "positions": rows, "slot_mapping": rows, "logit_rows": num_logits,
-                     "block_tables": num_seqs, "seq_lens": num_seqs, "query_start": num_seqs + 1}
-            views = {name: self.workspace.metadata(name)[:sizes[name]] for name in METADATA}
-            inputs = self._inputs[key] = StepInputs(program=program, **views)
-        return inputs
+        """The program's views of the workspace (what a captured graph reads, on CUDA). The
+        leading slices are made once per length and kept (slicing seven tensors was most of
+        plan()'s time): the per-row ones by the program's rows, the per-sequence ones by the
+        number of sequences, the logit rows by their number, so they stay bounded by those."""
+        rows = program.num_tokens
+        per_row = self._per_row.get(rows)
+        if per_row is None:
+            per_row = self._per_row[rows] = tuple(self.workspace.metadata(name)[:rows]
+                                                  for name in ("token_ids", "positions", "slot_mapping"))
+        per_seq = self._per_seq.get(num_seqs)
+        if per_seq is None:
+            per_seq = self._per_seq[num_seqs] = (self.workspace.metadata("block_tables")[:num_seqs],
+                                                 self.workspace.metadata("seq_lens")[:num_seqs],
+                                                 self.workspace.metadata("query_start")[:num_seqs + 1])
+        logit_rows = self._logit_rows.get(num_logits)
+        if logit_rows is None:
+            logit_rows = self._logit_rows[num_logits] = self.workspace.metadata("logit_rows")[:num_logits]
+        return StepInputs(program, *per_row, *per_seq, logit_rows)
 
     def plan(self, program: StepProgram, handles: np.ndarray, starts: np.ndarray, counts: np.ndarray,
              tokens: np.ndarray, logit_rows: list[int]) -> StepInputs:

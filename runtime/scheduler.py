@@ -256,7 +256,7 @@ class _StepBuilder:
         no target): the KV slots of all of them in one C++ call. One the arena cannot supply,
         and those after it, go through take() one by one, which preempts to make room."""
         room = min(self.max_rows - self.rows, self.scheduler.config.max_num_seqs - len(self.items))
-        ready = [s for s in seqs[:room] if s.handle is not None]
+        ready = [s for s in seqs if s.handle is not None][:room]
         grown = self.scheduler.kv.reserve_one_each(np.fromiter((s.handle for s in ready), np.int64, len(ready))) \
             if ready else 0
         taken = ready[:grown]

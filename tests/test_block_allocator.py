@@ -884,3 +884,36 @@ def test_append_one_each_rejects_an_unknown_handle_changing_nothing() -> None:
     assert snapshot(a, [h, child]) == before
     with pytest.raises(ValueError, match="handles"):
         a.append_one_each(np.array([[h]], np.int64))
+
+
+def test_append_one_each_copies_in_order_where_one_copy_reuses_a_block_another_reads() -> None:
+    """With the prefix cache, one call can free a block (a's copied, published tail, now unheld)
+    and reuse it as b's copy target: the copies must then be done in the order returned. Done
+    so in the arena, both sequences read back their own tokens."""
+    a = BlockAllocator(5, 4, prefix_cache=True)
+    arena = Arena(5, 4)
+    tokens: dict[int, list[int]] = {}
+    for first in (10, 30):
+        h = a.new_sequence()
+        written = list(range(first, first + 8))
+        arena.write(_grown(a, h, 8), [], 0, written)
+        a.publish(h, np.array(written, np.int64), 8)
+        a.truncate(h, 7)  # into its published tail: the next append copies it
+        tokens[h] = written[:7]
+    handles = list(tokens)
+    grown, copies = a.append_one_each(np.array(handles, np.int64))
+    assert grown == 2 and len(copies) == 2
+    (src0, dst0), (src1, dst1) = copies
+    assert dst1 == src0, f"copies {copies}: the second does not write the block the first reads"
+    for src, dst in copies:
+        arena.slots[dst] = arena.slots[src]
+    for h in handles:
+        tokens[h].append(90 + h)
+        arena.write(a.block_table(h), [], 7, tokens[h])
+    for h in handles:
+        assert arena.read(a.block_table(h), 8) == tokens[h]
+
+
+def _grown(a: BlockAllocator, h: int, n: int) -> list[int]:
+    assert a.append(h, n) == []
+    return a.block_table(h)

@@ -7,14 +7,17 @@ case can be worked out by hand: decode[B] costs 4 + B ms, prefill[T] costs T / 2
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import pytest
+import torch
 
 from lockstep.runtime.config import EngineConfig, ModelConfig
 from lockstep.runtime.cost_model import CostTable
 from lockstep.runtime.kv_cache import KVCache
 from lockstep.runtime.sampling_params import SamplingParams
-from lockstep.runtime.scheduler import Scheduler
+from lockstep.runtime.scheduler import Scheduler, _StepBuilder
 from lockstep.runtime.sequence import Sequence, SeqStatus
 from lockstep.runtime.step_program import ProgramLadder
 
@@ -192,3 +195,76 @@ def test_steps_never_exceed_their_program(costs: bool) -> None:
         assert step.num_tokens <= step.program.num_tokens and len(step.items) <= step.program.num_seqs
         if step.program.kind == "decode":
             assert all(item.num_tokens == 1 for item in step.items)
+
+
+def _one_take_each(self, seqs: list[Sequence]) -> None:
+    """_StepBuilder.take_decodes as one take() a sequence: what its single C++ call must match."""
+    for seq in seqs:
+        self.take(seq, 1, force=True)
+
+
+def _random_workload(seed: int) -> tuple[list, int]:
+    """Random arrivals (both classes), decodes and finishes on a small arena, step by step; the
+    trace of every step (program, items, statuses, handles, free blocks) and how many times a
+    running sequence was preempted."""
+    rng = random.Random(seed)
+    s = make_scheduler(num_blocks=rng.randrange(8, 24), costs=rng.random() < 0.5, max_num_seqs=8,
+                       prefix_cache=rng.random() < 0.5)
+    seqs: list[Sequence] = []
+    trace, preempted = [], 0
+    for _ in range(120):
+        if len(seqs) < 14 and rng.random() < 0.3:
+            seqs.append(make_seq(rng.randrange(3, 50), rng.choice(["interactive", "batch"]),
+                                 first_token=rng.randrange(1, 50)))
+            s.add(seqs[-1])
+        running = [q for q in seqs if q.status is SeqStatus.RUNNING]
+        if running and rng.random() < 0.1:
+            done = rng.choice(running)
+            s.remove(done)
+            done.status = SeqStatus.FINISHED  # as the engine's finish does
+        before = {id(q): q.status for q in seqs}
+        step = advance(s)
+        preempted += sum(before[id(q)] is SeqStatus.RUNNING and q.status is SeqStatus.WAITING for q in seqs)
+        index = {id(q): i for i, q in enumerate(seqs)}
+        trace.append((step.program.name if step else None,
+                      [(index[id(item.seq)], item.num_tokens) for item in step.items] if step else [],
+                      [(q.status.value, q.handle is None, q.num_computed) for q in seqs],
+                      s.kv.allocator.num_free_blocks()))
+    return trace, preempted
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_decode_batches_reserve_kv_exactly_as_one_take_each(seed: int, monkeypatch) -> None:
+    """A decode batch takes its KV slots in one C++ call (BlockAllocator.append_one_each) and
+    falls back to take() where the arena is short; step for step, under KV pressure and
+    preemption, it schedules what one take() per sequence would."""
+    batched, preempted = _random_workload(seed)
+    with monkeypatch.context() as patch:
+        patch.setattr(_StepBuilder, "take_decodes", _one_take_each)
+        reference, _ = _random_workload(seed)
+    assert batched == reference
+    assert preempted > 0, "no sequence was preempted: the workload did not reach the fallback"
+
+
+def test_reserve_one_each_copies_kv_in_the_order_the_allocator_gives() -> None:
+    """KVCache.reserve_one_each on the allocator's order-sensitive case (a's published tail is
+    copied, then reused as b's copy target in the same call): each sequence's new tail holds the
+    K and V its old tail held."""
+    kv = KVCache(TINY, 5, 4, prefix_cache=True)
+    alloc = kv.allocator
+    handles = []
+    for first in (10, 30):
+        h = alloc.new_sequence()
+        kv.reserve(h, 8)
+        alloc.publish(h, np.arange(first, first + 8, dtype=np.int64), 8)
+        alloc.truncate(h, 7)
+        handles.append(h)
+    kv.k.copy_(torch.randn(kv.k.shape, generator=torch.Generator().manual_seed(5)))
+    kv.v.copy_(torch.randn(kv.v.shape, generator=torch.Generator().manual_seed(6)))
+    block = lambda t, b: t[:, b * 4:(b + 1) * 4].clone()  # noqa: E731
+    before = {h: (block(kv.k, alloc.block_table(h)[-1]), block(kv.v, alloc.block_table(h)[-1])) for h in handles}
+    assert kv.reserve_one_each(np.array(handles, np.int64)) == 2
+    for h in handles:
+        tail = alloc.block_table(h)[-1]
+        k, v = before[h]
+        assert torch.equal(block(kv.k, tail)[:, :3], k[:, :3]) and torch.equal(block(kv.v, tail)[:, :3], v[:, :3]), h

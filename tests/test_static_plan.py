@@ -14,6 +14,7 @@ from lockstep.runtime.engine import CancelStatus
 from lockstep.runtime.sampling_params import SamplingParams
 from lockstep.runtime.sequence import FinishReason
 from lockstep.runtime.step_program import ProgramLadder, decode_buckets, prefill_buckets
+from lockstep.runtime.workspace import METADATA
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
 PROMPT = "A short story about a lighthouse keeper and a storm:"
@@ -164,9 +165,10 @@ def test_plan_command_prints_regions_capacity_and_costs(capsys, default_model_pa
 
 
 def test_a_shapes_step_inputs_are_made_once_and_read_the_latest_plan(make_engine) -> None:
-    """ProgramRunner keeps one set of workspace views per (program, sequences, logit rows): a
-    second plan of that shape returns the same views, and they show what that plan wrote, not
-    the first one's. (Every engine test also runs through these kept views.)"""
+    """ProgramRunner keeps the workspace's leading slices by length: a second plan of a shape reads
+    the same views, they show what that plan wrote, not the first one's, and there is at most one
+    per program size, number of sequences and number of logit rows, even after prompt scoring
+    (which asks for many numbers of logit rows). (Every engine test also runs through them.)"""
     engine = make_engine()
     programs, kv = engine.programs, engine.kv
     program = engine.ladder.for_step(2, 2)
@@ -186,6 +188,12 @@ def test_a_shapes_step_inputs_are_made_once_and_read_the_latest_plan(make_engine
         seen.append(inputs)
         for h in handles:
             kv.allocator.free(h)
-    assert seen[0] is seen[1]
-    assert programs.plan(program, np.array([], np.int64), np.array([], np.int64), np.array([], np.int64),
-                         np.array([], np.int64), [0]) is not seen[0]  # another number of logit rows
+    assert all(getattr(seen[0], name) is getattr(seen[1], name) for name in METADATA)
+    other = programs.plan(program, np.array([], np.int64), np.array([], np.int64), np.array([], np.int64),
+                          np.array([], np.int64), [0])  # another number of logit rows
+    assert other.logit_rows.shape == (1,) and other.token_ids is seen[0].token_ids
+    for _ in range(3):
+        engine.generate([PROMPT + " again"], SamplingParams(max_tokens=3, prompt_logprobs=0, ignore_eos=True))
+    assert set(programs._per_row) <= {p.num_tokens for p in engine.ladder.programs}
+    assert max(programs._per_seq) <= engine.ladder.largest_seqs
+    assert max(programs._logit_rows) <= engine.ladder.largest_rows
