@@ -26,12 +26,13 @@ the default model's (49152), since the CPU sampler's cost grows with both batch 
 
 What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 200 steps per batch):
 - the C++ step planner takes 3 us of a decode step of 64, well inside the 50 us target;
-  ProgramRunner.plan around it 8 us (it keeps one set of workspace views per step shape);
+  ProgramRunner.plan around it 9 us (it keeps the workspace's views by length);
 - the step's planning (schedule, gather, inputs, plan: everything before the forward) takes
   63 us at batch 64 with the timers on, just OVER the 50 us target; the scheduler is 34 us of
   it (one pass over the running sequences, and one C++ call, BlockAllocator.append_one_each,
   for every decode's KV slot);
-- the whole host step of 64 takes 0.28 ms, about 5.5x the target: NOT inside it. The parts
+- the whole host step of 64 takes 0.29 ms (0.27-0.30 over this session's runs), about 5.7x the
+  target: NOT inside it. The parts
   after the forward are most of it: per-token bookkeeping, stop checks and outputs 0.10 ms,
   the sampler 0.07 ms (greedy at a vocabulary of 1024: the chosen tokens' logprobs, an exp per
   logit, are most of it; on a GPU that is device work), the detokenizer 0.06 ms (~1 us a
@@ -50,9 +51,9 @@ What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 
   through the window path (two decodes from Python) it falls back to;
 - sampling at the default model's vocabulary (49152, random logits): greedy 52 us for one row
   and 24 us a row at batch 64 (the logprob's exps shared by 2 threads); temperature 0.8 /
-  top_p 0.9 0.43 ms for one row and 0.21 ms a row at batch 16 and 64 (random logits keep most
-  of the vocabulary; the sort-based sampler before it took 4.1 ms a row).
-- a server's observers (the metrics and the request log) take 21 us on a step of 64 tokens, in
+  top_p 0.9 0.43 ms for one row and 0.19 ms a row at batch 64 (random logits keep most of the
+  vocabulary; the sort-based sampler before it took 4.1 ms a row);
+- a server's observers (the metrics and the request log) take 20 us on a step of 64 tokens, in
   one call a step (95 us in the same session for the runtime before, one call an output);
 The machine is shared: back-to-back runs vary by up to 1.5x at batch 64, every part slower
 by the same factor in the slow ones.
