@@ -32,11 +32,10 @@ What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 
   it (one pass over the running sequences, and one C++ call, BlockAllocator.append_one_each,
   for every decode's KV slot);
 - the whole host step of 64 takes 0.29 ms (0.27-0.30 over this session's runs), about 5.7x the
-  target: NOT inside it. The parts
-  after the forward are most of it: per-token bookkeeping, stop checks and outputs 0.10 ms,
-  the sampler 0.07 ms (greedy at a vocabulary of 1024: the chosen tokens' logprobs, an exp per
-  logit, are most of it; on a GPU that is device work), the detokenizer 0.06 ms (~1 us a
-  token, in DecodeStream);
+  target: NOT inside it. The parts after the forward are most of it: per-token bookkeeping,
+  stop checks and outputs 0.10 ms, the sampler 0.07 ms (greedy at a vocabulary of 1024: the
+  chosen tokens' logprobs, an exp per logit, are most of it; on a GPU that is device work), the
+  detokenizer 0.06 ms (~1 us a token, in DecodeStream);
 - the same script, same session, on the runtime before these changes (2abb054, its own _core
   built apart; two runs of each, alternating): 576 us both times against 280-290 us (later
   runs of this code, 274-300 us);
