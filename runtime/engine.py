@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from itertools import chain, count
+from itertools import count
 from pathlib import Path
 from typing import Iterator, Sequence as Seq
 
@@ -479,7 +479,6 @@ class Engine:
                     batch.to_hold.append((seq, len(logit_rows)))
                     logit_rows.append(start - 1)
         return batch
-
 
     def _take_ready(self) -> list[Sequence]:
         """The committed sequences that sample from held logits now: not paused, and still at the

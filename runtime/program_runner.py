@@ -67,7 +67,10 @@ class ProgramRunner:
         logit_rows = self._logit_rows.get(num_logits)
         if logit_rows is None:
             logit_rows = self._logit_rows[num_logits] = self.workspace.metadata("logit_rows")[:num_logits]
-        return StepInputs(program, *per_row, *per_seq, logit_rows)
+        (token_ids, positions, slot_mapping), (block_tables, seq_lens, query_start) = per_row, per_seq
+        return StepInputs(program=program, token_ids=token_ids, positions=positions, slot_mapping=slot_mapping,
+                          block_tables=block_tables, seq_lens=seq_lens, query_start=query_start,
+                          logit_rows=logit_rows)
 
     def plan(self, program: StepProgram, handles: np.ndarray, starts: np.ndarray, counts: np.ndarray,
              tokens: np.ndarray, logit_rows: list[int]) -> StepInputs:
