@@ -300,6 +300,11 @@ void paged_attention(const py::object& q_obj, const py::object& k_cache_obj,
 
 // ---- CPU sampler (cpp/cpu/sampling.h) ----
 
+// Elements from one row of a [R, V] array (rows contiguous) to the next; a lone row's is V.
+std::int64_t row_stride(const py::array& rows) {
+  return rows.shape(0) > 1 ? rows.strides(0) / rows.itemsize() : rows.shape(1);
+}
+
 void sample_tokens(const py::object& logits_obj, const py::object& temperature_obj,
                    const py::object& top_k_obj, const py::object& top_p_obj,
                    const py::object& min_p_obj, const py::object& seeds_obj,
@@ -335,7 +340,7 @@ void sample_tokens(const py::object& logits_obj, const py::object& temperature_o
   }
   const lockstep::cpu::SamplingBatch batch{
       static_cast<const float*>(logits.data()), R, logits.shape(1),
-      R > 1 ? logits.strides(0) / logits.itemsize() : logits.shape(1),
+      row_stride(logits),
       static_cast<const float*>(temperature.data()),
       static_cast<const std::int64_t*>(top_k.data()),
       static_cast<const float*>(top_p.data()), static_cast<const float*>(min_p.data()),
@@ -355,7 +360,7 @@ void log_softmax(const py::object& logits_obj, const py::object& out_obj) {
   expect_apart("out", out, "logits", logits);
   const py::ssize_t R = logits.shape(0);
   const float* x = static_cast<const float*>(logits.data());
-  const std::int64_t stride = R > 1 ? logits.strides(0) / logits.itemsize() : logits.shape(1);
+  const std::int64_t stride = row_stride(logits);
   float* o = static_cast<float*>(out.mutable_data());
   py::gil_scoped_release release;
   lockstep::cpu::log_softmax_rows(x, R, logits.shape(1), stride, o);

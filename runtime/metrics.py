@@ -43,7 +43,6 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 class _Request:
     arrival: float | None  # None: unknown (a sequence the observer never heard of): no TTFT or e2e time
     last_token: float | None = None
-    scheduled: bool = False  # has it been in a step yet (ends its queue time)
 
 
 class _Partial:
@@ -60,7 +59,7 @@ class StepHistogram(Collector):
     """A histogram whose values come a step at a time: the inter-token latencies of every stream
     in a step. prometheus_client's Histogram.observe takes ~0.8 us a value (a lock and a scan of
     the buckets, in Python); observe_many takes the lock once and finds each value's bucket by
-    bisection, ~0.2 us a value. Exposed like a Histogram: _bucket (cumulative, le), _count, _sum.
+    bisection, ~0.09 us a value for a step of 64 (timeit, this machine). Exposed like a Histogram: _bucket (cumulative, le), _count, _sum.
     """
 
     def __init__(self, name: str, documentation: str, buckets: Iterable[float], labels: dict[str, str],
@@ -141,14 +140,14 @@ class EngineMetrics:
         for reason in FinishReason:  # every reason shows from the start, at 0
             self.request_success.labels(finished_reason=reason.value)
         self._requests: dict[int, _Request] = {}  # live requests; engine thread only
-        self._unscheduled = 0  # of them, those not yet in a step (their queue time is still open)
+        self._unscheduled: set[int] = set()  # of them, those not yet in a step (queue time still open)
         self._prefix_seen = (0, 0)  # the allocator's cumulative (queries, hits) at the last step
 
     # --- the observer (engine thread) ---------------------------------------------------------------
 
     def on_added(self, seq: Sequence, now: float) -> None:
         self._requests[seq.seq_id] = _Request(arrival=now)
-        self._unscheduled += 1
+        self._unscheduled.add(seq.seq_id)
         self.prompt_tokens.inc(seq.num_prompt_tokens)
         self.waiting.inc()  # exact again after the next step
 
@@ -157,7 +156,7 @@ class EngineMetrics:
         counted once, with the parent's."""
         req = self._requests.get(parent.seq_id)
         for child in children:
-            self._requests[child.seq_id] = _Request(arrival=req.arrival if req else None, scheduled=True)
+            self._requests[child.seq_id] = _Request(arrival=req.arrival if req else None)
 
     def on_step(self, engine: Engine, seconds: float) -> None:
         step = engine.last_step
@@ -166,12 +165,10 @@ class EngineMetrics:
             started = time.perf_counter() - seconds
             if self._unscheduled:  # a pass over the step only while some request waits for its first
                 for item in step.items:
-                    req = self._requests.get(item.seq.seq_id)
-                    if req is not None and not req.scheduled:
-                        req.scheduled = True
-                        self._unscheduled -= 1
-                        if req.arrival is not None:
-                            self.queue_time.observe(max(0.0, started - req.arrival))
+                    seq_id = item.seq.seq_id
+                    if seq_id in self._unscheduled:
+                        self._unscheduled.remove(seq_id)
+                        self.queue_time.observe(max(0.0, started - self._requests[seq_id].arrival))
         self.running.set(len(engine.scheduler.running))
         self.waiting.set(engine.scheduler.num_waiting)
         self.kv_usage.set(engine.kv.usage())
@@ -193,7 +190,7 @@ class EngineMetrics:
             if out.token_id is not None:
                 tokens += 1
                 if req is None:  # made on the engine thread without the observer: inter-token times only
-                    req = requests[out.seq_id] = _Request(arrival=None, scheduled=True)
+                    req = requests[out.seq_id] = _Request(arrival=None)
                 if req.last_token is not None:
                     gaps.append(now - req.last_token)
                 elif req.arrival is not None:
@@ -201,12 +198,10 @@ class EngineMetrics:
                 req.last_token = now
             if out.finished:
                 self.request_success.labels(finished_reason=FinishReason(out.finish_reason).value).inc()
-                if req is not None:
-                    if req.arrival is not None:
-                        self.e2e.observe(now - req.arrival)
-                    if not req.scheduled:
-                        self._unscheduled -= 1
+                if req is not None and req.arrival is not None:
+                    self.e2e.observe(now - req.arrival)
                 requests.pop(out.seq_id, None)
+                self._unscheduled.discard(out.seq_id)
         if tokens:
             self.generation_tokens.inc(tokens)
         self.itl.observe_many(gaps)

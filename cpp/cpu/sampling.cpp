@@ -49,8 +49,7 @@ inline bool key_before(const Token& a, const Token& b) { return a.key < b.key; }
 
 // The sum of e over tokens[0, n) in double, in eight interleaved partial sums (then pairwise):
 // a single running sum is a chain of dependent adds, 4 cycles each, and was most of a row's
-// time. The order is fixed by n, so the sum is too.
-// Eight lanes in a fixed order, so every clone sums alike.
+// time. The order is fixed by n, so the sum is too (in every clone alike).
 LOCKSTEP_CLONE_AVX2
 double mass_of(const Token* tokens, std::int64_t n) {
   double part[8] = {};
@@ -306,9 +305,12 @@ void sample_tokens(const SamplingBatch& b, std::int64_t* tokens_out, float* logp
   const bool wake = b.rows > 1 && (any_sampled || work >= (logprobs_out != nullptr ? (1 << 18) : (1 << 20)));
   ThreadPool::instance().run(static_cast<int>(b.rows), [&](int r) {
     const float* row = b.logits + r * b.row_stride;
-    const float max_x = row_max(row, b.vocab);
+    const bool greedy = !(b.temperature[r] > 0.0f);
+    // The raw logits' max: greedy's answer, and the logprob's offset (a sampled row scans its
+    // tempered logits for their own max).
+    const float max_x = greedy || logprobs_out != nullptr ? row_max(row, b.vocab) : 0.0f;
     std::int64_t token;
-    if (!(b.temperature[r] > 0.0f)) {
+    if (greedy) {
       token = greedy_row(row, b.vocab, max_x);
     } else {
       thread_local Scratch scratch;
