@@ -249,7 +249,9 @@ class AsyncEngine:
                     continue
                 t0 = time.perf_counter()
                 try:
-                    outputs = engine.step()
+                    # In overlap mode the streams get the previous step's outputs while this
+                    # step's forward runs: the device then waits only for the step's plan.
+                    outputs = engine.step(during_device=self._dispatch)
                 except Exception as exc:  # noqa: BLE001 - a bug in a step must not hang every client
                     log.exception("engine step raised outside the forward; failing every live request")
                     outputs = engine.fail_step(f"{type(exc).__name__}: {exc}")

@@ -94,6 +94,10 @@ class EngineConfig:
     # same model and settings, else measures; "measure" always measures; "off" keeps none (steps
     # are then limited by max_batched_tokens only, and latency targets are not enforced).
     calibrate: str = "auto"
+    # Make a step's token outputs (text, stop strings, delivery) while the device runs the next
+    # step: "auto" does where the forward runs asynchronously (CUDA); "on" forces it (tests);
+    # "off" makes them before the step returns. Outputs are the same either way.
+    overlap: str = "auto"
     # On CUDA, capture each decode bucket once as a CUDA graph and replay it.
     cuda_graphs: bool = True
     # Check, every step, that the native CPU forward touches only planned buffers (tests, debugging).
@@ -121,6 +125,7 @@ class EngineConfig:
             "weights": self.weights in ("auto", "quantized", "dense"),
             "cpu_kernels": self.cpu_kernels in ("native", "torch"),
             "calibrate": self.calibrate in ("auto", "measure", "off"),
+            "overlap": self.overlap in ("auto", "on", "off"),
             "prefill_chunk": self.prefill_chunk is None or self.prefill_chunk >= 1,
             "itl_target_ms": self.itl_target_ms > 0,
             "batch_max_wait_ms": self.batch_max_wait_ms > 0,

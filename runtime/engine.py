@@ -6,6 +6,16 @@ the forward, sample where a sequence needs its next token, and turn tokens into 
 whose last logits are held (runtime/held_logits.py) runs no forward: it only samples their
 first tokens, so those come out before the next forward. Sequence operations (fork, append,
 commit, truncate, cancel) happen between steps, so a step always sees a consistent state.
+
+A sampled token is taken in at once (_commit_token: what the next step's plan reads, and
+whether it ends the sequence) and its output made apart (_emit: text, stop strings, the
+SeqOutput). In overlap mode (EngineConfig.overlap, on by default on CUDA) the outputs are made
+once the next step's forward is launched, while the device runs it, as vLLM's async scheduling
+and SGLang's overlap scheduler do; the device then waits for the host only from a step's
+sampled tokens to the next launch. A stop string found then ends a sequence that is already
+in the running step: that row's token is dropped. What a client sees is the same either way
+(tests/test_overlap.py); on the CPU the forward is synchronous, so overlap would only delay
+each token by a step, and it is off there.
 """
 from __future__ import annotations
 
@@ -20,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from itertools import count
 from pathlib import Path
-from typing import Iterator, Sequence as Seq
+from typing import Callable, Iterator, Sequence as Seq
 
 import torch
 
@@ -53,6 +63,10 @@ log = logging.getLogger("lockstep")
 
 FINISHED_MEMORY = 1 << 16  # finished ids remembered so cancel() can tell "finished" from "unknown"
 _NOTHING_BANNED: frozenset[int] = frozenset()
+_FINISHED = SeqStatus.FINISHED
+# A token taken in whose output is not made yet: (seq, token, logprob, top logprobs, how the
+# token itself ended the sequence, if it did). Engine._commit_token makes one, Engine._emit reads it.
+_Committed = tuple[Sequence, int, float, list[tuple[int, float]], FinishReason | None]
 
 
 class CancelStatus(str, Enum):
@@ -167,7 +181,16 @@ class Engine:
         self.last_step: ScheduledStep | None = None
         self.last_error: str | None = None  # the latest failed step's error, for logs and tests
         self._step_outputs: list[SeqOutput] = []  # the current step's outputs so far (fail_step)
-        log.info("engine: %s backend on %s", self.backend, self.device)
+        # Overlap mode: a step's token outputs (detokenizing, stop strings, output objects, and
+        # whatever the caller does with them) are made while the device runs the next step,
+        # so the device waits only for what the next step's plan reads. Only where the forward
+        # runs asynchronously (CUDA) does that hide anything; on the CPU it would hold each
+        # token back by a whole step.
+        self.overlap = self.config.overlap == "on" or (self.config.overlap == "auto" and self.device.type == "cuda")
+        self._committed: list[_Committed] = []  # taken in, outputs not made yet (_flush)
+        self._early_outputs: list[SeqOutput] = []  # made between steps, for the next step()
+        log.info("engine: %s backend on %s%s", self.backend, self.device,
+                 ", outputs made while the device runs the next step (overlap)" if self.overlap else "")
         log.info("engine: %d KV blocks of %d tokens (%d tokens), max_model_len %d, %d torch threads",
                  self.kv.num_blocks, self.kv.block_size, self.kv.capacity_tokens, self.max_model_len,
                  torch.get_num_threads())
@@ -267,6 +290,7 @@ class Engine:
         fork i samples with seeds[i] on branch 0 instead: exactly what a request with that seed,
         unforked from the same tokens, would sample.
         """
+        self._flush_early()
         parent = self._live(seq_id)
         if n < 1:
             raise InvalidRequestError(f"fork needs n >= 1, got {n}")
@@ -303,6 +327,7 @@ class Engine:
 
     def append(self, seq_id: int, tokens: str | Seq[int]) -> None:
         """Adds input to a live sequence; it is prefilled in the coming steps (incremental prefill)."""
+        self._flush_early()
         seq = self._live(seq_id)
         ids = self.tokenizer.encode(tokens, add_bos=False) if isinstance(tokens, str) else list(tokens)
         self.check_token_ids(ids)
@@ -316,6 +341,7 @@ class Engine:
 
     def commit(self, seq_id: int, params: SamplingParams | None = None) -> None:
         """Starts generating from everything the sequence holds (e.g. after incremental input)."""
+        self._flush_early()
         seq = self._live(seq_id)
         if params is not None:
             self.check_token_ids(params.stop_token_ids, what="stop token id")
@@ -333,6 +359,7 @@ class Engine:
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         """Rolls a live sequence back to its first `num_tokens` tokens, output included."""
+        self._flush_early()
         seq = self._live(seq_id)
         if not 1 <= num_tokens <= seq.num_tokens:
             raise InvalidRequestError(f"truncate position must be in [1, {seq.num_tokens}], got {num_tokens}")
@@ -377,21 +404,26 @@ class Engine:
 
     def pause(self, seq_id: int) -> None:
         """Holds a live sequence out of every step, keeping its KV (it may be preempted first)."""
+        self._flush_early()
         self._live(seq_id).paused = True
 
     def resume(self, seq_id: int) -> None:
         """Lets a paused sequence run again from where it stopped."""
+        self._flush_early()
         self._live(seq_id).paused = False
 
     def finish_all(self, reason: FinishReason, error: str | None = None) -> list[SeqOutput]:
         """Ends every live sequence now, each with one terminal output (shutdown, or a step that
-        left the engine's state in doubt)."""
-        return [self._finish(seq, reason, error=error) for seq in list(self.seqs.values())]
+        left the engine's state in doubt). Outputs of tokens already taken in come first."""
+        outputs, self._early_outputs = self._early_outputs, []
+        self._flush(outputs)
+        outputs.extend(self._finish(seq, reason, error=error) for seq in list(self.seqs.values()))
+        return outputs
 
     # --- the step --------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return any(s.cancel_requested for s in self.seqs.values()) \
+        return bool(self._committed or self._early_outputs) or any(s.cancel_requested for s in self.seqs.values()) \
             or any(not s.paused for s in self._ready.values()) or self.scheduler.has_work()
 
     def fail_step(self, error: str) -> list[SeqOutput]:
@@ -399,32 +431,49 @@ class Engine:
         cancels and finishes, which have left `seqs`), then every live sequence ended with an
         error, so each still has exactly one terminal output."""
         made, self._step_outputs = self._step_outputs, []
+        # Tokens taken in whose outputs were not made (the error may have been in making one):
+        # a sequence that its token's commit already ended still needs its terminal output.
+        left, self._committed = self._committed, []
+        for seq, *_ in left:
+            if seq.status is _FINISHED:
+                seq.finish_reason, seq.error = FinishReason.ERROR, error
+                made.append(self._final_output(seq, SeqOutput(seq.seq_id, None, "")))
         return made + self.finish_all(FinishReason.ERROR, error)
 
-    def step(self) -> list[SeqOutput]:
-        """Runs one step; returns its outputs (tokens, text, finishes) in order."""
+    def step(self, during_device: Callable[[list[SeqOutput]], None] | None = None) -> list[SeqOutput]:
+        """Runs one step; returns its outputs (tokens, text, finishes) in order.
+
+        In overlap mode a step's tokens come out with the next step: that step makes their
+        outputs once its forward is launched, and hands them to `during_device` then, while the
+        device computes, if given (the server delivers them to the streams); those are not
+        returned again."""
         # The list is also kept on the engine while the step runs, so that fail_step() can hand
         # out what a step that raised had already made.
-        outputs: list[SeqOutput] = []
+        outputs, self._early_outputs = self._early_outputs, []
         self._step_outputs = outputs
-        self._step(outputs)
+        self._step(outputs, during_device)
         self._step_outputs = []
         return outputs
 
-    def _step(self, outputs: list[SeqOutput]) -> None:
-        for seq in [s for s in self.seqs.values() if s.cancel_requested]:
-            outputs.append(self._finish(seq, FinishReason.CANCELLED))
+    def _step(self, outputs: list[SeqOutput], during_device: Callable[[list[SeqOutput]], None] | None) -> None:
+        cancelled = [s for s in self.seqs.values() if s.cancel_requested]
+        if cancelled:
+            self._flush(outputs)  # a cancelled sequence's tokens already taken in come out before its end
+            outputs.extend(self._finish(seq, FinishReason.CANCELLED) for seq in cancelled if seq.status is not _FINISHED)
         ready = self._take_ready()
         if ready:
             # Committed sequences whose first token needs no forward: sampled now, in a step of
             # their own, so that token is out before the next forward rather than after it.
             self.last_step = None
+            self._flush(outputs)
             self._sample(ready, self.held.rows[torch.tensor([s.held_slot for s in ready],
                                                             device=self.held.rows.device)], outputs)
+            self._flush(outputs)
             return
         step = self.scheduler.schedule()
         self.last_step = step
         if step is None:
+            self._flush(outputs)
             return
 
         batch = self._gather(step)
@@ -433,18 +482,30 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - one failed step must not take the engine down
             log.exception("step %s failed; failing its %d sequences", step.program.name, len(step.items))
             self.last_error = f"{type(exc).__name__}: {exc}"
-            for item in step.items:
-                outputs.append(self._finish(item.seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
+            self._flush(outputs)
+            outputs.extend(self._finish(item.seq, FinishReason.ERROR, error=self.last_error)
+                           for item in step.items if item.seq.status is not _FINISHED)
             return
+        if self.overlap:
+            # The forward is launched (on CUDA, queued on the stream): the previous step's
+            # outputs are made now, while it runs. A stop string found here ends a sequence
+            # already in this step; its row's token is dropped (_sample skips it).
+            self._flush(outputs)
+            if during_device is not None and outputs:
+                during_device(list(outputs))
+                outputs.clear()
         self._advance(step)
         self._record_prompt_logprobs(logits, batch.prompt_lp)
         for seq, index in batch.to_hold:
-            seq.held_slot = self.held.hold(logits[index])
+            if seq.status is not _FINISHED:
+                seq.held_slot = self.held.hold(logits[index])
         if batch.to_sample:
             # Every row is a sampled one in a plain decode step: no gather needed then.
             rows = logits if len(batch.sample_at) == len(batch.logit_rows) else \
                 logits[torch.tensor(batch.sample_at, device=logits.device)]
             self._sample(batch.to_sample, rows, outputs)
+        if not self.overlap:
+            self._flush(outputs)
 
     def _gather(self, step: ScheduledStep) -> _StepBatch:
         """The planner's inputs and the logit rows of a scheduled step, in one pass over its items."""
@@ -499,8 +560,9 @@ class Engine:
         return ready
 
     def _sample(self, seqs: list[Sequence], rows: torch.Tensor, outputs: list[SeqOutput]) -> None:
-        """Samples each sequence's next token from its row of logits, takes it in and appends the
-        outputs to `outputs` (the step's own list, so a finish is never lost if a later one raises)."""
+        """Samples each sequence's next token from its row of logits and commits it (its output
+        comes from _flush). A sequence already at max_tokens ends unsampled, its output appended
+        to `outputs` (the step's own list, so a finish is never lost if a later one raises)."""
         # One pass builds the sampler's columns; it runs for every sequence of every step.
         sampled: list[Sequence] = []
         keep: list[int] = []
@@ -508,6 +570,8 @@ class Engine:
         keys: list[tuple[int, int, int]] = []
         banned: list[frozenset[int]] | None = None  # only once some sequence is below min_tokens
         for i, seq in enumerate(seqs):
+            if seq.status is _FINISHED:
+                continue  # in overlap mode: ended (a stop string, a cancel) while the step ran
             p = seq.params
             made = len(seq.output_ids) - seq.outputs_at_commit  # seq.num_new_outputs, inlined
             if p.max_tokens is not None and made >= p.max_tokens:
@@ -532,8 +596,8 @@ class Engine:
             result = sample_with_kernel(rows, params, keys, banned)
         else:
             result = sample(rows.cpu(), params, keys, banned)  # the C++ sampler reads host memory
-        accept = self._accept_token
-        outputs.extend(map(accept, sampled, result.token_ids, result.logprobs, result.top_logprobs))
+        self._committed.extend(map(self._commit_token, sampled, result.token_ids, result.logprobs,
+                                   result.top_logprobs))
 
     def _run_step(self, step: ScheduledStep, batch: _StepBatch) -> torch.Tensor:
         """Plans the step into the workspace (one C++ call) and runs its program; logits [R, vocab]."""
@@ -548,6 +612,8 @@ class Engine:
         bs = self.kv.block_size if self.config.prefix_cache else 0
         for item in step.items:
             seq = item.seq
+            if seq.status is _FINISHED:
+                continue  # in overlap mode: ended by a stop string while the step ran; its blocks are gone
             before = seq.num_computed
             done = seq.num_computed = before + item.num_tokens
             if bs and done // bs > before // bs:
@@ -556,6 +622,8 @@ class Engine:
     def _record_prompt_logprobs(self, logits: torch.Tensor,
                                 prompt_lp: list[tuple[Sequence, int, int, int]]) -> None:
         for seq, index, position, count_rows in prompt_lp:
+            if seq.status is _FINISHED:
+                continue
             lp = log_softmax_rows(logits[index:index + count_rows])  # as the sampler scores its tokens
             targets = torch.tensor(seq.token_ids[position + 1:position + 1 + count_rows], device=logits.device)
             seq.prompt_logprobs.extend(lp.gather(1, targets[:, None]).squeeze(1).tolist())
@@ -569,9 +637,12 @@ class Engine:
         model_stops = frozenset() if params.ignore_eos else self.tokenizer.stop_ids
         return model_stops | frozenset(params.stop_token_ids)
 
-    def _accept_token(self, seq: Sequence, token: int, logprob: float,
-                      top: list[tuple[int, float]]) -> SeqOutput:
-        # The per-token path of every step: kept to plain list appends and one detokenizer call.
+    def _commit_token(self, seq: Sequence, token: int, logprob: float,
+                      top: list[tuple[int, float]]) -> _Committed:
+        """Takes a sampled token into the sequence: everything the next step's schedule and plan
+        read (its token ids, and whether a stop token, max_tokens or the context ends it). Its
+        output (text, stop strings, the SeqOutput) is made later, by _emit."""
+        # The per-token path of every step, on the critical path in overlap mode: list appends.
         if seq.held_slot is not None:
             self._drop_held(seq)  # sampled from them, or recomputed them: they are stale now
         ids = seq.token_ids
@@ -582,23 +653,41 @@ class Engine:
         seq.output_top_logprobs.append(top)
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
-        out = SeqOutput(seq.seq_id, token, "", logprob, top)
+        ended = None
         if token in seq.stop_ids:
-            return self._finish(seq, FinishReason.STOP, out)  # the stop token's own text is not part of the answer
-        params = seq.params
-        stops = params.stop
+            ended = FinishReason.STOP
+        else:
+            max_tokens = seq.params.max_tokens
+            # seq.num_new_outputs, inlined: this runs for every token of every sequence.
+            if (max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit >= max_tokens) \
+                    or len(ids) >= self.max_model_len:
+                ended = FinishReason.LENGTH
+        if ended is not None:
+            self._end(seq, ended)  # out of the next schedule; its output comes from _emit
+        return seq, token, logprob, top, ended
+
+    def _emit(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]],
+              ended: FinishReason | None) -> SeqOutput:
+        """A committed token's output: its text (held back where a stop string may still begin),
+        and the sequence's end if the token or its text ended it."""
+        out = SeqOutput(seq.seq_id, token, "", logprob, top)
+        if ended is FinishReason.STOP:
+            return self._final_output(seq, out)  # the stop token's own text is not part of the answer
+        stops = seq.params.stop
         before = len(seq.text)
         text = seq.text = seq.text + seq.detok.push(token)
         if stops:
             cut = self._find_stop_string(text, before, stops)
             if cut is not None:
                 seq.text = text[:cut]
-                return self._finish(seq, FinishReason.STOP, out)
-        # seq.num_new_outputs, inlined: this runs for every token of every sequence.
-        if (params.max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit >= params.max_tokens) \
-                or len(ids) >= self.max_model_len:
+                if ended is None:
+                    self._end(seq, FinishReason.STOP)
+                else:  # the token that reached max_tokens also completed a stop string: a stop
+                    seq.finish_reason = self._finished[seq.seq_id] = FinishReason.STOP
+                return self._final_output(seq, out)
+        if ended is not None:
             seq.text += seq.detok.flush()
-            return self._finish(seq, FinishReason.LENGTH, out)
+            return self._final_output(seq, out)
         if stops:
             out.text = self._streamable(seq)
         else:  # _streamable without a stop string to hold back for: all text not yet sent
@@ -607,6 +696,26 @@ class Engine:
                 out.text = text[sent:]
                 seq.num_chars_sent = len(text)
         return out
+
+    def _flush(self, outputs: list[SeqOutput]) -> None:
+        """Makes the outputs of every committed token not yet emitted, in commit order."""
+        committed = self._committed
+        if not committed:
+            return
+        self._committed = []
+        emit = self._emit
+        for i, entry in enumerate(committed):
+            try:
+                outputs.append(emit(*entry))
+            except BaseException:
+                # Left for fail_step, which ends each of their sequences with one terminal output.
+                self._committed = committed[i:] + self._committed
+                raise
+
+    def _flush_early(self) -> None:
+        """Before an operation that reads or changes a sequence's text or tokens (fork, append,
+        truncate, ...): the committed tokens' outputs, kept for the next step() to return."""
+        self._flush(self._early_outputs)
 
     @staticmethod
     def _find_stop_string(text: str, new_from: int, stops: list[str]) -> int | None:
@@ -631,6 +740,12 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: FinishReason, out: SeqOutput | None = None,
                 error: str | None = None) -> SeqOutput:
+        self._end(seq, reason, error)
+        return self._final_output(seq, out or SeqOutput(seq.seq_id, None, ""))
+
+    def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        """Ends a sequence: out of scheduling, its blocks and held logits freed (its terminal
+        output is _final_output's)."""
         self.scheduler.remove(seq)  # first: it finds the sequence by its status
         self._drop_held(seq)
         self._ready.pop(seq.seq_id, None)
@@ -643,10 +758,12 @@ class Engine:
         seq.finish_time = time.perf_counter()
         self.seqs.pop(seq.seq_id, None)
         self._family.pop(seq.seq_id, None)
-        out = out or SeqOutput(seq.seq_id, None, "")
+
+    def _final_output(self, seq: Sequence, out: SeqOutput) -> SeqOutput:
+        """An ended sequence's terminal output: the rest of its text, and why it ended."""
         out.text = self._streamable(seq)
-        out.finish_reason = reason
-        out.error = error
+        out.finish_reason = seq.finish_reason
+        out.error = seq.error
         return out
 
     # --- conveniences --------------------------------------------------------------------------------

@@ -30,10 +30,13 @@ async def collect(engine: AsyncEngine, prompt, sp: SamplingParams):
     return outs
 
 
-def test_concurrent_streams_equal_each_request_alone(make_engine) -> None:
-    alone = make_engine()
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_concurrent_streams_equal_each_request_alone(make_engine, overlap: str) -> None:
+    """With overlap on, the streams get each step's outputs while the next step runs (through
+    Engine.step's during_device): the same outputs, one step later."""
+    alone = make_engine(overlap="off")
     expected = [alone.generate([p], params(i))[0] for i, p in enumerate(PROMPTS)]
-    served = AsyncEngine(make_engine()).start()
+    served = AsyncEngine(make_engine(overlap=overlap)).start()
     try:
         async def run_all():
             return await asyncio.gather(*(collect(served, p, params(i)) for i, p in enumerate(PROMPTS)))

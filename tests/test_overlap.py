@@ -1,0 +1,168 @@
+"""Overlap mode (EngineConfig.overlap): a step's token outputs are made while the next step's
+forward runs, one step later than without it. What a client sees must not change.
+
+The reference is the same engine with overlap off, the path every other engine test checks.
+Each workload mixes what overlap makes subtle: stop strings (found a step late in overlap
+mode, after the sequence was scheduled again), stop tokens, max_tokens, min_tokens, top
+logprobs, prompt logprobs, forks, cancels, pause/resume and truncate/append, with more
+requests than seats so admission waits. Operations fire on what a sequence has committed
+(its output_ids), the same in both modes, never on step counts, which overlap shifts.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lockstep.runtime.sampling_params import SamplingParams
+from lockstep.runtime.sequence import FinishReason
+
+PROMPTS = [
+    "The lighthouse keeper climbed the stairs one last time and",
+    "Three facts about octopuses:",
+    "Once upon a time, in a village at the edge of a great forest, there lived an old clockmaker who",
+    "Q: What is the boiling point of water at sea level?\nA:",
+    "The recipe calls for flour, butter, sugar and",
+    "Here are five tips for better sleep. First,",
+    "My favourite thing about autumn is",
+    "In 1969, the first humans",
+]
+
+
+def drive(engine, requests, actions, use_during_device):
+    """Runs requests to the end, applying `actions` (seq index, committed outputs, what) when a
+    sequence has committed that many outputs. Returns every output, by request order, and the
+    ids of sequences made by forks, in the order they were made."""
+    seqs = [engine.add_request(prompt, params) for prompt, params in requests]
+    outs: dict[int, list] = {s.seq_id: [] for s in seqs}
+    pending = list(actions)
+    forks = []
+
+    def take(outputs):
+        for out in outputs:
+            outs.setdefault(out.seq_id, []).append(out)
+
+    steps = 0
+    while engine.has_work():
+        steps += 1
+        assert steps < 2000, "the workload did not finish"
+        for action in list(pending):
+            index, at, what = action
+            seq = seqs[index]
+            if seq.finished or len(seq.output_ids) < at:
+                continue
+            pending.remove(action)
+            if what == "cancel":
+                engine.cancel(seq.seq_id)
+            elif what == "fork":
+                children = engine.fork(seq.seq_id, 2)
+                forks.extend(c.seq_id for c in children)
+                for child in children:
+                    outs[child.seq_id] = []
+            elif what == "pause":
+                engine.pause(seq.seq_id)
+                pending.append((index, at, "resume"))
+            elif what == "resume":
+                engine.resume(seq.seq_id)
+            elif what == "rewrite":  # a voice turn's barge-in: roll back, say more, answer again
+                engine.pause(seq.seq_id)
+                engine.truncate(seq.seq_id, seq.num_prompt_tokens + 2)
+                engine.append(seq.seq_id, " and then, quite suddenly,")
+                engine.commit(seq.seq_id, SamplingParams(temperature=0.8, seed=5, max_tokens=6, ignore_eos=True))
+                engine.resume(seq.seq_id)
+        take(engine.step(during_device=take) if use_during_device else engine.step())
+    return [outs[s.seq_id] for s in seqs] + [outs[i] for i in forks]
+
+
+def summary(outputs):
+    """What a client of one request sees: tokens, text, logprobs, top logprobs, how it ended."""
+    ends = [o for o in outputs if o.finished]
+    assert len(ends) == 1 and outputs[-1] is ends[0], "exactly one terminal output, and nothing after it"
+    return ([o.token_id for o in outputs if o.token_id is not None], "".join(o.text for o in outputs),
+            [o.logprob for o in outputs if o.token_id is not None],
+            [o.top_logprobs for o in outputs if o.token_id is not None], ends[0].finish_reason)
+
+
+def workload(engine, rng: random.Random):
+    """Requests and actions for one random workload. Stop strings and stop tokens are taken from
+    what each prompt really produces (one plain run first), so they are hit, not merely set."""
+    plain = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True))
+    requests = []
+    for i, (prompt, result) in enumerate(zip(PROMPTS, plain)):
+        kind = rng.choice(["stop_string", "stop_token", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"])
+        params = dict(temperature=0.0, max_tokens=rng.randint(6, 14), ignore_eos=True)
+        if kind == "stop_string" and len(result.text) > 8:
+            start = rng.randrange(2, len(result.text) - 3)
+            params["stop"] = [result.text[start:start + rng.randint(1, 3)]]
+            params["max_tokens"] = 14
+        elif kind == "stop_token":
+            params["stop_token_ids"] = [result.output_ids[rng.randrange(1, len(result.output_ids))]]
+            params["max_tokens"] = 14
+        elif kind == "min_tokens":
+            params.update(min_tokens=3, stop_token_ids=[result.output_ids[1]], temperature=0.8, seed=i)
+        elif kind == "logprobs":
+            params.update(logprobs=3, temperature=0.7, seed=100 + i)
+        elif kind == "prompt_logprobs":
+            params.update(prompt_logprobs=2)
+        requests.append((prompt, SamplingParams(**params)))
+    actions = []
+    for index in rng.sample(range(len(PROMPTS)), 4):
+        actions.append((index, rng.randint(1, 4), rng.choice(["cancel", "fork", "pause", "rewrite"])))
+    return requests, actions
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overlap_changes_no_output(make_engine, seed: int) -> None:
+    rng = random.Random(seed)
+    # Six seats for eight requests and their forks: admission waits, and seats free up late in
+    # overlap mode (a stop string is found after its sequence was scheduled again).
+    config = dict(max_num_seqs=6, prefill_chunk=16, kv_memory_bytes=32 << 20)
+    reference_engine = make_engine(overlap="off", **config)
+    requests, actions = workload(reference_engine, rng)
+    reference = [summary(o) for o in drive(reference_engine, requests, actions, use_during_device=False)]
+    for use_during_device in (False, True):
+        engine = make_engine(overlap="on", **config)
+        assert engine.overlap
+        got = [summary(o) for o in drive(engine, requests, actions, use_during_device)]
+        assert got == reference, f"overlap mode (during_device={use_during_device}) changed an output"
+        assert not engine.seqs and engine.kv.allocator.num_sequences() == 0
+    ends = {r[-1] for r in reference}
+    assert FinishReason.STOP in ends and FinishReason.LENGTH in ends, f"the workload hit too little: {ends}"
+
+
+def test_overlap_makes_a_steps_outputs_one_step_later(make_engine) -> None:
+    """The one difference overlap makes: a token's output comes with the step after the one that
+    sampled it, handed to during_device while that step's forward runs."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    off, on = make_engine(overlap="off"), make_engine(overlap="on")
+    a, b = off.add_request(PROMPTS[0], params), on.add_request(PROMPTS[0], params)
+    first = off.step()
+    assert [o.token_id for o in first] == [a.output_ids[0]]
+    assert on.step() == [] and len(b.output_ids) == 1, "sampled and taken in, but no output yet"
+    during = []
+    assert on.step(during_device=during.extend) == []
+    assert [o.token_id for o in during] == b.output_ids[:1] and len(b.output_ids) == 2
+
+
+def test_overlap_still_ends_every_request_once_when_a_step_raises(make_engine) -> None:
+    """In overlap mode tokens wait between steps with their outputs not made. A step that raises
+    while making them (here: the detokenizer) leaves fail_step to end each request once,
+    including one its last token had already ended (max_tokens)."""
+    engine = make_engine(overlap="on")
+    short = engine.add_request(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    long = engine.add_request(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    outputs = engine.step()
+    assert outputs == [] and short.finished and long.output_ids, "taken in (one ended by it), outputs not made yet"
+
+    def broken(token):
+        raise RuntimeError("detokenizer bug")
+    long.detok.push = broken
+    with pytest.raises(RuntimeError, match="detokenizer bug"):
+        outputs += engine.step()
+    outputs += engine.fail_step("RuntimeError: detokenizer bug")
+    ends = {o.seq_id: o.finish_reason for o in outputs if o.finished}
+    assert sorted(o.seq_id for o in outputs if o.finished) == sorted([short.seq_id, long.seq_id])
+    assert ends[long.seq_id] is FinishReason.ERROR and ends[short.seq_id] in (FinishReason.LENGTH, FinishReason.ERROR)
+    assert not engine.seqs and engine.kv.allocator.num_sequences() == 0 and not engine.has_work()
+    again = engine.generate([PROMPTS[3]], SamplingParams(temperature=0.0, max_tokens=3))[0]
+    assert len(again.output_ids) == 3, "the engine serves on"
