@@ -78,6 +78,7 @@ import numpy as np
 import torch
 
 import lockstep.runtime.engine as engine_module
+from lockstep import _core
 from lockstep.runtime.async_engine import AsyncEngine
 from lockstep.runtime.config import EngineConfig
 from lockstep.runtime.detokenizer import IncrementalDetokenizer
@@ -92,6 +93,7 @@ from lockstep.runtime.sequence import SeqOutput, Sequence
 from lockstep.bench.report import cpu_name, run_stamp, save_json as save_result  # noqa: E402
 from lockstep.bench.stats import percentile  # noqa: E402
 
+SAMPLE_TOKENS = _core.sample_tokens  # the C++ sampler's call, which SimulatedDevice stands in for
 TARGET_US = 50.0  # issue 5: host overhead per step for a batch of 64
 MODEL = "synthetic:tiny"
 PROMPT_LEN = 32
@@ -310,13 +312,15 @@ def time_observers(engine: Engine, batch: int, repeats: int) -> dict:
 
 class SimulatedDevice:
     """Stands in for an asynchronous device (a GPU): launching a step returns at once and its
-    logits are ready `step_us` later; the sampler, a kernel on CUDA, then runs as device work.
+    logits are ready `step_us` later; the sampling itself, a kernel on CUDA, then runs as device
+    work.
 
     On the CPU the forward is synchronous, so overlap cannot be measured with the real one. This
     device makes the host's part measurable alone: the device waits for the host from the end
     of one step's sampling to the next launch, and, if the host comes late to a step's
     sampling (its work during the step took longer than the step), from the step's end to then.
-    The CPU sampler runs on the host here; its time is counted as the device's."""
+    Only the C++ sampler's own call (_core.sample_tokens) counts as the device's: the sampler's
+    inputs are made before it (while the device runs), its results read after (host time)."""
 
     def __init__(self, engine: Engine, step_us: float) -> None:
         self.step_ns = int(step_us * 1e3)
@@ -332,12 +336,12 @@ class SimulatedDevice:
         self.ready_at = now + self.step_ns
         return self._logits(inputs)
 
-    def sample(self, *args, **kwargs):
+    def sample_tokens(self, *args, **kwargs):
         now = time.perf_counter_ns()
         self._late_ns = max(0, now - self.ready_at)
         while time.perf_counter_ns() < self.ready_at:
             pass  # the host waits on the device, as a sync on the sampled tokens does
-        result = sample(*args, **kwargs)
+        result = SAMPLE_TOKENS(*args, **kwargs)
         self._sampled_at = time.perf_counter_ns()
         return result
 
@@ -357,7 +361,7 @@ def time_device_idle(batch: int, step_us: float, overlap: str, warmup: int, step
     while engine.scheduler.waiting or any(s.num_uncomputed > 1 for s in engine.seqs.values()):
         served._dispatch(engine.step())
     device = SimulatedDevice(engine, step_us)
-    engine.programs.run, engine_module.sample = device.run, device.sample
+    engine.programs.run, _core.sample_tokens = device.run, device.sample_tokens
     try:
         for _ in range(warmup + steps):
             served._apply_commands(block=False)
@@ -369,7 +373,7 @@ def time_device_idle(batch: int, step_us: float, overlap: str, warmup: int, step
             served._notify("on_step", engine, time.perf_counter() - t0)
             served._dispatch(outputs)
     finally:
-        engine_module.sample = sample
+        _core.sample_tokens = SAMPLE_TOKENS
     idle = [ns / 1e3 for ns in device.idle_ns[warmup:]]
     return {"batch": batch, "device_step_us": step_us, "overlap": overlap, "steps": len(idle),
             "idle_median_us": statistics.median(idle), "idle_p90_us": percentile(idle, 90),

@@ -7,7 +7,7 @@ whose last logits are held (runtime/held_logits.py) runs no forward: it only sam
 first tokens, so those come out before the next forward. Sequence operations (fork, append,
 commit, truncate, cancel) happen between steps, so a step always sees a consistent state.
 
-A sampled token is taken in at once (_commit_token: what the next step's plan reads, and
+A sampled token is taken in at once (_commit_tokens: what the next step's plan reads, and
 whether it ends the sequence) and its output made apart (_emit: text, stop strings, the
 SeqOutput). In overlap mode (EngineConfig.overlap, on by default on CUDA) the outputs are made
 once the next step's forward is launched, while the device runs it, as vLLM's async scheduling
@@ -65,7 +65,7 @@ FINISHED_MEMORY = 1 << 16  # finished ids remembered so cancel() can tell "finis
 _NOTHING_BANNED: frozenset[int] = frozenset()
 _FINISHED = SeqStatus.FINISHED
 # A token taken in whose output is not made yet: (seq, token, logprob, top logprobs, how the
-# token itself ended the sequence, if it did). Engine._commit_token makes one, Engine._emit reads it.
+# token itself ended the sequence, if it did). Engine._commit_tokens makes one, Engine._emit reads it.
 _Committed = tuple[Sequence, int, float, list[tuple[int, float]], FinishReason | None]
 
 
@@ -106,6 +106,30 @@ class _StepBatch:
     to_sample: list[Sequence] = field(default_factory=list)  # their rows are logits[sample_at[i]]
     sample_at: list[int] = field(default_factory=list)
     to_hold: list[tuple[Sequence, int]] = field(default_factory=list)  # prefill-only, at the end of their input
+    # The planner's numpy inputs (handles, starts, counts, tokens), made once from the lists.
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    items: list | None = None  # the step's items, when a steady replay of it can reuse this batch
+    sampled: np.ndarray | None = None  # the tokens sampled for to_sample, in order, when every row was
+    logit_rows_array: np.ndarray | None = None
+
+    def planner_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if self.arrays is None:
+            self.arrays = (np.array(self.handles, np.int64), np.array(self.starts, np.int64),
+                           np.array(self.counts, np.int64), np.array(self.tokens, np.int64))
+        return self.arrays
+
+    def one_token_on(self) -> _StepBatch:
+        """This plain decode batch a step later: every sequence one token further, its input the
+        token it was just given (the sampler's own array of them, when it gave one). Only the
+        starts and tokens change; the rest is shared."""
+        handles, starts, counts, _ = self.planner_arrays()
+        tokens = self.sampled
+        if tokens is None:
+            tokens = np.fromiter((seq.token_ids[-1] for seq in self.to_sample), np.int64, len(self.to_sample))
+        return _StepBatch(handles=self.handles, starts=self.starts, counts=self.counts, tokens=self.tokens,
+                          logit_rows=self.logit_rows, to_sample=self.to_sample, sample_at=self.sample_at,
+                          arrays=(handles, starts + 1, counts, tokens), items=self.items,
+                          logit_rows_array=self.logit_rows_array)
 
 
 class Engine:
@@ -189,6 +213,7 @@ class Engine:
         self.overlap = self.config.overlap == "on" or (self.config.overlap == "auto" and self.device.type == "cuda")
         self._committed: list[_Committed] = []  # taken in, outputs not made yet (_flush)
         self._early_outputs: list[SeqOutput] = []  # made between steps, for the next step()
+        self._last_batch: _StepBatch | None = None  # the latest plain decode batch, for a steady replay
         log.info("engine: %s backend on %s%s", self.backend, self.device,
                  ", outputs made while the device runs the next step (overlap)" if self.overlap else "")
         log.info("engine: %d KV blocks of %d tokens (%d tokens), max_model_len %d, %d torch threads",
@@ -292,6 +317,7 @@ class Engine:
         """
         self._flush_early()
         parent = self._live(seq_id)
+        self.scheduler.invalidate()  # before the children copy the parent's scheduling state
         if n < 1:
             raise InvalidRequestError(f"fork needs n >= 1, got {n}")
         if seeds is not None and (len(seeds) != n or any(not isinstance(x, int) or not 0 <= x < 2**64 for x in seeds)):
@@ -332,6 +358,7 @@ class Engine:
         ids = self.tokenizer.encode(tokens, add_bos=False) if isinstance(tokens, str) else list(tokens)
         self.check_token_ids(ids)
         self._check_length(seq.num_tokens + len(ids), 0)
+        self.scheduler.invalidate()
         self._drop_held(seq)
         if seq.output_ids:
             # Output text must not run on into what comes after the new input: emit any
@@ -350,6 +377,7 @@ class Engine:
             if params.seed is not None:
                 seq.seed = params.seed  # the reply is then what a request with that seed would sample
         self._check_length(seq.num_tokens, seq.params.max_tokens)
+        self.scheduler.invalidate()
         seq.generating = True
         seq.outputs_at_commit = len(seq.output_ids)
         if seq.held_slot is not None and seq.num_uncomputed == 0:
@@ -363,6 +391,7 @@ class Engine:
         seq = self._live(seq_id)
         if not 1 <= num_tokens <= seq.num_tokens:
             raise InvalidRequestError(f"truncate position must be in [1, {seq.num_tokens}], got {num_tokens}")
+        self.scheduler.invalidate()
         self._drop_held(seq)
         del seq.token_ids[num_tokens:]
         kept = sum(1 for p in seq.output_positions if p < num_tokens)
@@ -389,6 +418,7 @@ class Engine:
         # The next token is sampled from the logits of the last token, which only a forward over
         # it produces; if its K/V is already cached, compute it again (it rewrites the same slot).
         if seq.num_uncomputed == 0:
+            self.scheduler.invalidate()
             seq.num_computed -= 1
             if seq.handle is not None:
                 self.kv.allocator.truncate(seq.handle, seq.num_computed)
@@ -406,11 +436,13 @@ class Engine:
         """Holds a live sequence out of every step, keeping its KV (it may be preempted first)."""
         self._flush_early()
         self._live(seq_id).paused = True
+        self.scheduler.invalidate()
 
     def resume(self, seq_id: int) -> None:
         """Lets a paused sequence run again from where it stopped."""
         self._flush_early()
         self._live(seq_id).paused = False
+        self.scheduler.invalidate()
 
     def finish_all(self, reason: FinishReason, error: str | None = None) -> list[SeqOutput]:
         """Ends every live sequence now, each with one terminal output (shutdown, or a step that
@@ -508,7 +540,22 @@ class Engine:
             self._flush(outputs)
 
     def _gather(self, step: ScheduledStep) -> _StepBatch:
-        """The planner's inputs and the logit rows of a scheduled step, in one pass over its items."""
+        """The planner's inputs and the logit rows of a scheduled step, in one pass over its items;
+        for a steady replay of the step before (the scheduler's), that step's batch one token on."""
+        if step.steady:
+            last = self._last_batch
+            if last is not None and last.items is step.items:
+                batch = self._last_batch = last.one_token_on()
+                return batch
+        batch = self._gather_items(step)
+        # Reusable by a replay when every item decodes one token that is sampled (the steady
+        # decodes the scheduler replays are such a step).
+        plain = not batch.prompt_lp and not batch.to_hold and len(batch.to_sample) == len(step.items) == len(batch.tokens)
+        batch.items = step.items if plain else None
+        self._last_batch = batch if plain else None
+        return batch
+
+    def _gather_items(self, step: ScheduledStep) -> _StepBatch:
         batch = _StepBatch()
         handles, starts, counts, tokens, logit_rows = batch.handles, batch.starts, batch.counts, batch.tokens, \
             batch.logit_rows
@@ -549,6 +596,7 @@ class Engine:
         for seq in list(self._ready.values()):
             if seq.paused:
                 continue
+            self.scheduler.invalidate()  # it decodes from now on, or computes its input again
             del self._ready[seq.seq_id]
             if seq.held_slot is not None and seq.num_uncomputed == 0 and seq.status is SeqStatus.RUNNING:
                 ready.append(seq)
@@ -596,14 +644,16 @@ class Engine:
             result = sample_with_kernel(rows, params, keys, banned)
         else:
             result = sample(rows.cpu(), params, keys, banned)  # the C++ sampler reads host memory
-        self._committed.extend(map(self._commit_token, sampled, result.token_ids, result.logprobs,
-                                   result.top_logprobs))
+        self._commit_tokens(sampled, result.token_ids, result.logprobs, result.top_logprobs)
+        batch = self._last_batch
+        if batch is not None and batch.to_sample is seqs and len(sampled) == len(seqs):
+            batch.sampled = result.token_array  # the next steady step's input tokens
 
     def _run_step(self, step: ScheduledStep, batch: _StepBatch) -> torch.Tensor:
         """Plans the step into the workspace (one C++ call) and runs its program; logits [R, vocab]."""
-        inputs = self.programs.plan(step.program, np.array(batch.handles, np.int64), np.array(batch.starts, np.int64),
-                                    np.array(batch.counts, np.int64), np.array(batch.tokens, np.int64),
-                                    batch.logit_rows)
+        if batch.logit_rows_array is None:
+            batch.logit_rows_array = np.array(batch.logit_rows, np.int64)
+        inputs = self.programs.plan(step.program, *batch.planner_arrays(), batch.logit_rows_array)
         return self.programs.run(inputs).float()
 
     def _advance(self, step: ScheduledStep) -> None:
@@ -637,39 +687,45 @@ class Engine:
         model_stops = frozenset() if params.ignore_eos else self.tokenizer.stop_ids
         return model_stops | frozenset(params.stop_token_ids)
 
-    def _commit_token(self, seq: Sequence, token: int, logprob: float,
-                      top: list[tuple[int, float]]) -> _Committed:
-        """Takes a sampled token into the sequence: everything the next step's schedule and plan
-        read (its token ids, and whether a stop token, max_tokens or the context ends it). Its
-        output (text, stop strings, the SeqOutput) is made later, by _emit."""
-        # The per-token path of every step, on the critical path in overlap mode: list appends.
-        if seq.held_slot is not None:
-            self._drop_held(seq)  # sampled from them, or recomputed them: they are stale now
-        ids = seq.token_ids
-        ids.append(token)
-        seq.output_ids.append(token)
-        seq.output_positions.append(len(ids) - 1)
-        seq.output_logprobs.append(logprob)
-        seq.output_top_logprobs.append(top)
-        if seq.first_token_time is None:
-            seq.first_token_time = time.perf_counter()
-        ended = None
-        if token in seq.stop_ids:
-            ended = FinishReason.STOP
-        else:
-            max_tokens = seq.params.max_tokens
-            # seq.num_new_outputs, inlined: this runs for every token of every sequence.
-            if (max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit >= max_tokens) \
-                    or len(ids) >= self.max_model_len:
-                ended = FinishReason.LENGTH
-        if ended is not None:
-            self._end(seq, ended)  # out of the next schedule; its output comes from _emit
-        return seq, token, logprob, top, ended
+    def _commit_tokens(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float],
+                       tops: list[list[tuple[int, float]]]) -> None:
+        """Takes each sampled token into its sequence: everything the next step's schedule and
+        plan read (its token ids, and whether a stop token, max_tokens or the context ends it).
+        Their outputs (text, stop strings, the SeqOutput) are made later, by _emit."""
+        # Every token of every step passes here, and in overlap mode the device waits for this
+        # loop: only what the next plan reads (the rest of a token's record is _emit's), one
+        # loop with no call per token.
+        committed = self._committed
+        max_model_len = self.max_model_len
+        for seq, token, logprob, top in zip(seqs, tokens, logprobs, tops):
+            if seq.held_slot is not None:
+                self._drop_held(seq)  # sampled from them, or recomputed them: they are stale now
+            ids = seq.token_ids
+            ids.append(token)
+            made = seq.output_ids
+            made.append(token)
+            ended = None
+            if token in seq.stop_ids:
+                ended = FinishReason.STOP
+            else:
+                max_tokens = seq.params.max_tokens
+                # seq.num_new_outputs, inlined.
+                if (max_tokens is not None and len(made) - seq.outputs_at_commit >= max_tokens) \
+                        or len(ids) >= max_model_len:
+                    ended = FinishReason.LENGTH
+            if ended is not None:
+                self._end(seq, ended)  # out of the next schedule; its output comes from _emit
+            committed.append((seq, token, logprob, top, ended))
 
     def _emit(self, seq: Sequence, token: int, logprob: float, top: list[tuple[int, float]],
               ended: FinishReason | None) -> SeqOutput:
         """A committed token's output: its text (held back where a stop string may still begin),
         and the sequence's end if the token or its text ended it."""
+        seq.output_positions.append(len(seq.token_ids) - 1)  # no token is taken in before this one is emitted
+        seq.output_logprobs.append(logprob)
+        seq.output_top_logprobs.append(top)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
         out = SeqOutput(seq.seq_id, token, "", logprob, top)
         if ended is FinishReason.STOP:
             return self._final_output(seq, out)  # the stop token's own text is not part of the answer

@@ -128,6 +128,7 @@ class EngineMetrics:
                                     "Arrival to the start of the first step the request was in.")
         self.step_duration = histogram("step_duration_seconds", "Wall time of one engine step, by step program.",
                                        ("program",))
+        self._step_duration_by_program: dict[str, object] = {}
         self.running = gauge("num_requests_running", "Sequences holding KV in the scheduler.")
         self.waiting = gauge("num_requests_waiting", "Sequences queued for admission.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction (0..1) of KV blocks in use.")
@@ -161,7 +162,11 @@ class EngineMetrics:
     def on_step(self, engine: Engine, seconds: float) -> None:
         step = engine.last_step
         if step is not None:
-            self.step_duration.labels(program=step.program.name).observe(seconds)
+            name = step.program.name
+            by_program = self._step_duration_by_program.get(name)
+            if by_program is None:  # labels() takes a lock and a dict lookup: once per program
+                by_program = self._step_duration_by_program[name] = self.step_duration.labels(program=name)
+            by_program.observe(seconds)
             started = time.perf_counter() - seconds
             if self._unscheduled:  # a pass over the step only while some request waits for its first
                 for item in step.items:

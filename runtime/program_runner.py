@@ -48,6 +48,7 @@ class ProgramRunner:
         self._per_row: dict[int, tuple[torch.Tensor, ...]] = {}
         self._per_seq: dict[int, tuple[torch.Tensor, ...]] = {}
         self._logit_rows: dict[int, torch.Tensor] = {}
+        self._logit_rows_host = ws.host_array("logit_rows")
 
     def inputs(self, program: StepProgram, num_seqs: int, num_logits: int) -> StepInputs:
         """The program's views of the workspace (what a captured graph reads, on CUDA). The
@@ -73,11 +74,11 @@ class ProgramRunner:
                           logit_rows=logit_rows)
 
     def plan(self, program: StepProgram, handles: np.ndarray, starts: np.ndarray, counts: np.ndarray,
-             tokens: np.ndarray, logit_rows: list[int]) -> StepInputs:
+             tokens: np.ndarray, logit_rows: np.ndarray | list[int]) -> StepInputs:
         """Fills the workspace for one step; returns the inputs the forward reads."""
         num_seqs = program.num_seqs if program.kind == "decode" else len(handles)
         self.planner.plan(handles, starts, counts, tokens, num_seqs, program.num_tokens)
-        self.workspace.host_array("logit_rows")[:len(logit_rows)] = logit_rows
+        self._logit_rows_host[:len(logit_rows)] = logit_rows
         self.workspace.upload(program.num_tokens, num_seqs, len(logit_rows))
         return self.inputs(program, num_seqs, len(logit_rows))
 

@@ -51,6 +51,7 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float]  # of the chosen token under the model's raw distribution
     top_logprobs: list[list[tuple[int, float]]]  # per row, the N most likely (N = params.logprobs)
+    token_array: np.ndarray | None = None  # token_ids as the C++ sampler wrote them (int64)
 
 
 def filtered_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[
         # same number the row would give that token unbanned.
         picked = torch.from_numpy(tokens[banned_rows])[:, None]
         chosen[banned_rows] = log_softmax_rows(raw[torch.tensor(banned_rows)]).gather(1, picked)[:, 0].numpy()
-    return SampleResult(tokens.tolist(), chosen.tolist(), _top_logprobs(raw, params))
+    return SampleResult(tokens.tolist(), chosen.tolist(), _top_logprobs(raw, params), tokens)
 
 
 def log_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -143,11 +144,14 @@ def _without_banned(rows: torch.Tensor, banned: list[frozenset[int]] | None, ban
     return rows
 
 
+_NO_TOP_LOGPROBS: list[tuple[int, float]] = []  # shared by every row that asks for none: never mutated
+
+
 def _top_logprobs(raw: torch.Tensor, params: list[SamplingParams]) -> list[list[tuple[int, float]]]:
     """Per row, the params.logprobs most likely tokens and their logprobs under the raw logits
     (each row's own log-softmax: batch-invariant); [] for rows that ask for none."""
     wanted = [r for r, p in enumerate(params) if p.logprobs]
-    tops: list[list[tuple[int, float]]] = [[] for _ in params]
+    tops: list[list[tuple[int, float]]] = [_NO_TOP_LOGPROBS] * len(params)
     if wanted:
         rows = log_softmax_rows(raw[torch.tensor(wanted, device=raw.device)])
         for row, r in zip(rows, wanted):

@@ -14,6 +14,12 @@ table (runtime/cost_model.py) says how long each takes. The scheduler builds a s
    cached prefix blocks, and taking paused sequences' blocks if need be). A chunk is sized so the step fills a prefill bucket whose predicted
    time is inside the target.
 
+A steady decode (the same sequences as the step before, one token each, nothing waiting to get
+in, no batch work held to a budget, so the step is what the full pass would build) is replayed:
+the previous step's items, their KV slots in one C++ call, and no pass over the sequences. Any
+change to who runs or what they need (a sequence added, ended, preempted, paused, given input,
+truncated, committed) drops the replay; the engine reports its own (invalidate()).
+
 Paused sequences keep their blocks and take no part. Without a cost table (calibrate "off")
 steps are limited by max_batched_tokens alone. When the arena runs dry, a sequence gives way:
 a paused one first, then batch work, then the latest admitted; its blocks are freed (cached
@@ -54,6 +60,8 @@ class ScheduledStep:
     items: list[ScheduledSeq] = field(default_factory=list)
     predicted_s: float | None = None  # from the cost table, when there is one
     budget_s: float = math.inf  # the latency target this step had to meet
+    # The previous step's items again, each one token further (a steady decode): the same list.
+    steady: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -61,6 +69,19 @@ class ScheduledStep:
 
 
 _last_scheduled = attrgetter("last_scheduled_step")
+
+
+@dataclass(slots=True)
+class _SteadyDecode:
+    """A decode step that repeats while nothing changes: what the full pass would build again."""
+
+    items: list[ScheduledSeq]  # interactive decodes, then batch ones, each in admission order
+    handles: np.ndarray
+    program: StepProgram
+    pairs: int  # attention pairs of the latest step; one more per sequence each step
+    budget_s: float
+    served_step: int = -1  # the latest step that replayed it, not yet written to the sequences
+    served_time: float = 0.0
 
 
 def attention_pairs(seq: Sequence, n: int) -> int:
@@ -78,20 +99,32 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self.step_index = 0
         self.clock = time.perf_counter  # what the starvation bound measures waits with
+        self._steady: _SteadyDecode | None = None
+        self._unsettled: _SteadyDecode | None = None  # served times the replay has not written yet
 
     # --- membership ------------------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
+        self.invalidate()
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:
         """A fork of a running sequence joins right after it, sharing its blocks."""
+        self.invalidate()
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
+    def invalidate(self) -> None:
+        """A sequence's input, state or parameters change outside the scheduler (the engine's
+        fork, append, truncate, commit, pause, resume): the next step is planned in full, and
+        the replayed steps' service is written to their sequences now (a fork copies it)."""
+        self._steady = None
+        self._settle()
+
     def remove(self, seq: Sequence) -> None:
         """Takes a sequence out of scheduling and frees its blocks (finish or cancel)."""
+        self.invalidate()
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -110,6 +143,12 @@ class Scheduler:
     def schedule(self) -> ScheduledStep | None:
         self.step_index += 1
         now = self.clock()
+        steady = self._steady
+        if steady is not None:
+            step = self._replay(steady, now)
+            if step is not None:
+                return step
+        self._settle()
         # One pass sorts the running sequences by what they need; it runs every step.
         interactive_decodes: list[Sequence] = []
         batch: list[Sequence] = []
@@ -148,7 +187,55 @@ class Scheduler:
         for seq, _ in step.items:
             seq.last_scheduled_step = index
             seq.last_served_time = now
-        return step.finish()
+        scheduled = step.finish()
+        self._steady = self._steady_after(step, scheduled, interactive_decodes, batch, prefills)
+        return scheduled
+
+    def _steady_after(self, built: _StepBuilder, step: ScheduledStep, interactive_decodes: list[Sequence],
+                      batch: list[Sequence], prefills: list[Sequence]) -> _SteadyDecode | None:
+        """The replay of this step for the next ones, if the full pass would build it again: every
+        running sequence that is not paused decodes one token in it (so none is held back or
+        left out), each is generating (it gets a token, and decodes again), and none waits to be
+        admitted."""
+        n = len(step.items)
+        if prefills or n != len(interactive_decodes) + len(batch) or built.prefill_rows \
+                or (batch and step.budget_s != math.inf) \
+                or (len(self.running) < self.config.max_num_seqs and any(not s.paused for s in self.waiting)):
+            return None
+        if not all(item.num_tokens == 1 and item.seq.generating for item in step.items):
+            return None
+        # The next full pass orders batch decodes by last_scheduled_step, which is now the same
+        # for all of them: admission order (batch is sorted in place, so it is taken again).
+        in_batch = {id(s) for s in batch}
+        order = interactive_decodes + [s for s in self.running if id(s) in in_batch]
+        items = step.items if [item.seq for item in step.items] == order else [ScheduledSeq(s, 1) for s in order]
+        handles = np.fromiter((s.handle for s in order), np.int64, n)
+        return _SteadyDecode(items, handles, step.program, built.pairs, step.budget_s)
+
+    def _replay(self, steady: _SteadyDecode, now: float) -> ScheduledStep | None:
+        """The steady decode again, one token further; None (and no replay from now on) when
+        the arena may be too short for a token each: the full pass then preempts."""
+        n = len(steady.items)
+        # One token takes at most one new block (a fresh one, or a copy of a shared last block).
+        if self.kv.allocator.num_free_blocks() < n:
+            self._steady = None
+            return None
+        grown = self.kv.reserve_one_each(steady.handles)
+        assert grown == n, f"the arena supplied {grown} of {n} decode slots despite the free blocks"
+        steady.pairs += n
+        steady.served_step, steady.served_time = self.step_index, now
+        self._unsettled = steady
+        predicted = None if self.costs is None else self.costs.predict(steady.program, steady.pairs)
+        return ScheduledStep(steady.program, steady.items, predicted, steady.budget_s, steady=True)
+
+    def _settle(self) -> None:
+        """Writes the replayed steps' service to their sequences, for round-robin and the
+        starvation bound, which only the full pass reads."""
+        steady, self._unsettled = self._unsettled, None
+        if steady is not None:
+            for seq, _ in steady.items:
+                seq.last_scheduled_step = steady.served_step
+                seq.last_served_time = steady.served_time
 
     def starved(self, seq: Sequence, now: float) -> bool:
         """Whether batch work has waited past its bound (interactive work is never held back)."""
@@ -212,6 +299,7 @@ class Scheduler:
         return max(candidates, key=lambda s: (s.paused, not s.params.interactive, rank[id(s)]))
 
     def _preempt(self, seq: Sequence) -> None:
+        self.invalidate()
         self.running.remove(seq)
         self._release(seq)
         seq.num_computed = 0

@@ -64,6 +64,8 @@ def drive(engine, requests, actions, use_during_device):
                 pending.append((index, at, "resume"))
             elif what == "resume":
                 engine.resume(seq.seq_id)
+            elif what == "append":  # more input while it generates: prefilled, then it goes on
+                engine.append(seq.seq_id, " (as I was saying)")
             elif what == "rewrite":  # a voice turn's barge-in: roll back, say more, answer again
                 engine.pause(seq.seq_id)
                 engine.truncate(seq.seq_id, seq.num_prompt_tokens + 2)
@@ -107,7 +109,7 @@ def workload(engine, rng: random.Random):
         requests.append((prompt, SamplingParams(**params)))
     actions = []
     for index in rng.sample(range(len(PROMPTS)), 4):
-        actions.append((index, rng.randint(1, 4), rng.choice(["cancel", "fork", "pause", "rewrite"])))
+        actions.append((index, rng.randint(1, 4), rng.choice(["cancel", "fork", "pause", "rewrite", "append"])))
     return requests, actions
 
 

@@ -149,11 +149,13 @@ def test_paused_sequences_take_no_step_and_keep_their_blocks() -> None:
     s.add(b)
     decoding(s, [a, b])
     a.paused = True
+    s.invalidate()  # what Engine.pause does: a change made outside the scheduler
     held = s.kv.allocator.num_tokens(a.handle)
     for _ in range(3):
         assert [item.seq for item in advance(s).items] == [b]
     assert s.kv.allocator.num_tokens(a.handle) == held
     a.paused = False
+    s.invalidate()
     assert a in [item.seq for item in advance(s).items]
 
 
@@ -164,6 +166,7 @@ def test_new_work_takes_a_paused_sequences_blocks() -> None:
         s.add(seq)
     decoding(s, [paused, batch, voice])
     paused.paused = True
+    s.invalidate()
     newcomer = make_seq(20, first_token=300)
     s.add(newcomer)
     advance(s)
