@@ -15,7 +15,8 @@ so what is left is host work only:
   other      the rest of Engine.step: cancels, KV bookkeeping after the forward, the sampler's
              columns, token bookkeeping, stop checks, outputs
 The first four are the step's planning, everything the host does before the forward can start
-(the "planning" row); the last three its epilogue, the work on the new tokens after it.
+(the "planning" row); the last three its epilogue, the work on the new tokens after it. These
+steps are steady decodes, so the scheduler replays the step before (runtime/scheduler.py).
 Timers wrap those functions from this script (instance attributes and the engine module's
 `sample`); nothing in the runtime changes. The null forward's slice is timed too and left out
 of the host total. Model: synthetic:tiny (vocabulary 1024), ~32-token random prompts, greedy
@@ -25,35 +26,32 @@ grows with context: step_planner.json has 64 sequences at 4096 tokens). A second
 the default model's (49152), since the CPU sampler's cost grows with both batch and vocabulary.
 
 What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 200 steps per batch):
-- the C++ step planner takes 3 us of a decode step of 64, well inside the 50 us target;
-  ProgramRunner.plan around it 9 us (it keeps the workspace's views by length);
-- the step's planning (schedule, gather, inputs, plan: everything before the forward) takes
-  63 us at batch 64 with the timers on, just OVER the 50 us target; the scheduler is 34 us of
-  it (one pass over the running sequences, and one C++ call, BlockAllocator.append_one_each,
-  for every decode's KV slot);
-- the whole host step of 64 takes 0.29 ms (0.27-0.30 over this session's runs), about 5.7x the
-  target: NOT inside it. The parts after the forward are most of it: per-token bookkeeping,
-  stop checks and outputs 0.10 ms, the sampler 0.07 ms (greedy at a vocabulary of 1024: the
-  chosen tokens' logprobs, an exp per logit, are most of it; on a GPU that is device work), the
-  detokenizer 0.06 ms (~1 us a token, in DecodeStream);
-- the same script, same session, on the runtime before these changes (2abb054, its own _core
-  built apart; two runs of each, alternating): 576 us both times against 280-290 us (later
-  runs of this code, 274-300 us);
-  scheduler 100 -> 34 us, sampler 155 -> 73 us, bookkeeping 213 -> 104 us. (The machine was
-  ~1.3x slower this session than for the 0.44 ms committed before; that run is superseded.);
-- per sequence the host spends ~4.3 us a step at batch 64 (was ~9): a few list appends, one
-  detokenizer call and one output object per sequence, each ~0.05-0.3 us in Python. The 50 us
-  target needs that per-sequence Python out of the step: sequence state and the token
-  epilogue in C++, or host work overlapped with the GPU's step (as vLLM's async scheduling and
-  SGLang's overlap scheduler do);
+- on a device that runs steps asynchronously (SimulatedDevice: a GPU's launch-and-sync, with a
+  1 ms step), the device waits 42 us per decode step of 64 for the host with overlap on (the
+  runtime's default on CUDA), within the 50 us target, and 164 us with it off; that is the
+  server's whole loop (AsyncEngine._run) with the metrics and the request log as observers.
+  Runs this session: 42-49 us. What it waits for: the sampler's results read back (~5 us),
+  each token taken in (~15 us), the metrics' on_step (~2 us), the scheduler's replay of the
+  steady decode (~4 us), its inputs one token on (~3 us) and the plan (~5 us);
+- when every step is the scheduler's full pass (batch work held to an interactive stream's
+  latency target, or sequences coming and going), the device waits 93 us: OVER the target.
+  The full pass sorts every running sequence and gathers each one's inputs (~30 + 14 us);
+- the C++ step planner takes 3 us of a decode step of 64; ProgramRunner.plan around it 5 us;
+- the whole host step of 64 without overlap (the CPU's mode: its forward is synchronous, so
+  overlap would only hold each token back a step) takes 0.23 ms, 4.7x the target; the parts
+  after the forward are most of it: per-token bookkeeping, stop checks and outputs 0.11 ms,
+  the sampler 0.07 ms (greedy at a vocabulary of 1024: the chosen tokens' logprobs, an exp per
+  logit, are most of it; on a GPU that is device work), the detokenizer 0.06 ms (~1 us a token,
+  in DecodeStream). At the start of this session's work it took 0.28 ms (0.58 ms before the
+  previous session's);
 - the default model's tokenizer on real text: 0.83 us a token through DecodeStream, 1.7 us
   through the window path (two decodes from Python) it falls back to;
-- sampling at the default model's vocabulary (49152, random logits): greedy 52 us for one row
+- sampling at the default model's vocabulary (49152, random logits): greedy 51 us for one row
   and 24 us a row at batch 64 (the logprob's exps shared by 2 threads); temperature 0.8 /
-  top_p 0.9 0.43 ms for one row and 0.19 ms a row at batch 64 (random logits keep most of the
+  top_p 0.9 0.40 ms for one row and 0.19 ms a row at batch 64 (random logits keep most of the
   vocabulary; the sort-based sampler before it took 4.1 ms a row);
 - a server's observers (the metrics and the request log) take 20 us on a step of 64 tokens, in
-  one call a step (95 us in the same session for the runtime before, one call an output);
+  one call a step; in overlap mode that call is made while the device runs;
 The machine is shared: back-to-back runs vary by up to 1.5x at batch 64, every part slower
 by the same factor in the slow ones.
 On CUDA the engine samples with kernels/sampling.py (sample_with_kernel) instead of the C++
@@ -346,12 +344,16 @@ class SimulatedDevice:
         return result
 
 
-def time_device_idle(batch: int, step_us: float, overlap: str, warmup: int, steps: int) -> dict:
+def time_device_idle(batch: int, step_us: float, overlap: str, replay: bool, warmup: int, steps: int) -> dict:
     """How long a simulated device (SimulatedDevice) waits for the host per decode step of
     `batch`, with the server's loop around Engine.step as AsyncEngine._run runs it: its commands,
     the step (handing outputs to the streams while the device runs, in overlap mode), on_step,
-    and the outputs left to hand out, with the metrics and the request log as observers."""
+    and the outputs left to hand out, with the metrics and the request log as observers.
+    Without `replay` every step is the scheduler's full pass (as when batch work is held to an
+    interactive stream's latency target), not the steady decode's replay."""
     engine = build_engine(overlap)
+    if not replay:
+        engine.scheduler._steady_after = lambda *args: None
     rng = np.random.default_rng(batch)
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=4096)
     served = AsyncEngine(engine, observers=[EngineMetrics(MODEL), RequestLog(engine.tokenizer)])
@@ -375,7 +377,7 @@ def time_device_idle(batch: int, step_us: float, overlap: str, warmup: int, step
     finally:
         _core.sample_tokens = SAMPLE_TOKENS
     idle = [ns / 1e3 for ns in device.idle_ns[warmup:]]
-    return {"batch": batch, "device_step_us": step_us, "overlap": overlap, "steps": len(idle),
+    return {"batch": batch, "device_step_us": step_us, "overlap": overlap, "replay": replay, "steps": len(idle),
             "idle_median_us": statistics.median(idle), "idle_p90_us": percentile(idle, 90),
             "device_busy": step_us / (step_us + statistics.median(idle))}
 
@@ -407,12 +409,14 @@ def verdict(rows: list[dict]) -> list[str]:
 def idle_verdict(idle: list[dict]) -> list[str]:
     """The host time a device waits for per step, at the longest simulated step, against the target."""
     longest = max(r["device_step_us"] for r in idle)
-    by_mode = {r["overlap"]: r for r in idle if r["device_step_us"] == longest}
-    on, off = by_mode["on"], by_mode["off"]
-    return [f"Host time an asynchronous device waits for per step at batch {on['batch']} (simulated "
-            f"{longest:.0f} us steps, server loop and observers included): {on['idle_median_us']:.0f} us "
-            f"median with overlap ({off['idle_median_us']:.0f} us without), "
-            f"{'within' if on['idle_median_us'] <= TARGET_US else 'OVER'} the {TARGET_US:.0f} us target."]
+    by_mode = {(r["overlap"], r["replay"]): r for r in idle if r["device_step_us"] == longest}
+    on, off, full = by_mode["on", True], by_mode["off", True], by_mode["on", False]
+    verdict_of = lambda us: "within" if us <= TARGET_US else "OVER"  # noqa: E731
+    return [f"Host time an asynchronous device waits for per decode step at batch {on['batch']} (simulated "
+            f"{longest:.0f} us steps, server loop and observers included): {on['idle_median_us']:.0f} us median "
+            f"with overlap, {verdict_of(on['idle_median_us'])} the {TARGET_US:.0f} us target "
+            f"({off['idle_median_us']:.0f} us without overlap); {full['idle_median_us']:.0f} us when every step "
+            f"is the scheduler's full pass, {verdict_of(full['idle_median_us'])} it."]
 
 
 def main() -> int:
@@ -437,8 +441,8 @@ def main() -> int:
     else:
         detok, detok_model = time_detokenizer(load_model(None, quiet=True).tokenizer, 20), "the default model"
         observers = time_observers(engine, 64, 2000)
-    idle = [time_device_idle(batches[-1], us, overlap, warmup, steps)
-            for us in device_steps_us for overlap in ("off", "on")]
+    idle = [time_device_idle(batches[-1], us, overlap, replay, warmup, steps)
+            for us in device_steps_us for overlap, replay in (("off", True), ("on", True), ("on", False))]
 
     print(f"Host work per decode step ({MODEL}, vocabulary {engine.model_config.vocab_size}, null forward, "
           f"{engine.backend} backend on {engine.device}, {torch.get_num_threads()} torch thread(s)); "
@@ -468,11 +472,11 @@ def main() -> int:
     print()
     print(f"A simulated asynchronous device (SimulatedDevice) at batch {batches[-1]}, with the server's loop "
           "and observers: how long it waits for the host per decode step")
-    print("| device step us | overlap | device idle median us | p90 us | device busy |")
-    print("|---|---|---|---|---|")
+    print("| device step us | overlap | schedule | device idle median us | p90 us | device busy |")
+    print("|---|---|---|---|---|---|")
     for r in idle:
-        print(f"| {r['device_step_us']:.0f} | {r['overlap']} | {r['idle_median_us']:.1f} | {r['idle_p90_us']:.1f} | "
-              f"{100 * r['device_busy']:.0f}% |")
+        print(f"| {r['device_step_us']:.0f} | {r['overlap']} | {'steady replay' if r['replay'] else 'full pass'} | "
+              f"{r['idle_median_us']:.1f} | {r['idle_p90_us']:.1f} | {100 * r['device_busy']:.0f}% |")
     print()
     lines = verdict(rows) + idle_verdict(idle)
     for line in lines:

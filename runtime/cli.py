@@ -95,6 +95,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-held-logits", dest="held_logits", action="store_false",
                    help="do not keep a prefill-only sequence's last logits; commit computes its last token "
                         "again (saves --max-num-seqs rows of the vocabulary in float32)")
+    g.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                   help="make a step's token outputs while the device runs the next step; auto: on CUDA, where "
+                        "the forward runs asynchronously (on the CPU it would hold each token back a step)")
     g.add_argument("--calibrate", dest="calibrate", action="store_const", const="measure", default="auto",
                    help="time every step program at start-up, even if this machine has a cached cost table")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -177,7 +180,7 @@ def engine_from_args(args: argparse.Namespace):
                                       max_batched_tokens=args.max_batched_tokens,
                                       prefill_chunk=args.prefill_chunk, itl_target_ms=args.itl_target_ms,
                                       prefix_cache=args.prefix_cache, held_logits=args.held_logits,
-                                      calibrate=args.calibrate)), model
+                                      calibrate=args.calibrate, overlap=args.overlap)), model
 
 
 def _params(args: argparse.Namespace):

@@ -143,6 +143,7 @@ class EngineMetrics:
         self._requests: dict[int, _Request] = {}  # live requests; engine thread only
         self._unscheduled: set[int] = set()  # of them, those not yet in a step (queue time still open)
         self._prefix_seen = (0, 0)  # the allocator's cumulative (queries, hits) at the last step
+        self._gauges_set: tuple | None = None  # (running, waiting, KV usage) as last set
 
     # --- the observer (engine thread) ---------------------------------------------------------------
 
@@ -151,6 +152,7 @@ class EngineMetrics:
         self._unscheduled.add(seq.seq_id)
         self.prompt_tokens.inc(seq.num_prompt_tokens)
         self.waiting.inc()  # exact again after the next step
+        self._gauges_set = None
 
     def on_forked(self, parent: Sequence, children: list[Sequence], now: float) -> None:
         """A fork is timed from its request's arrival (n > 1: the parent's), its queue time
@@ -174,16 +176,24 @@ class EngineMetrics:
                     if seq_id in self._unscheduled:
                         self._unscheduled.remove(seq_id)
                         self.queue_time.observe(max(0.0, started - self._requests[seq_id].arrival))
-        self.running.set(len(engine.scheduler.running))
-        self.waiting.set(engine.scheduler.num_waiting)
-        self.kv_usage.set(engine.kv.usage())
+        # Each set or increment takes a lock: only what changed (a steady decode changes none of
+        # these but the KV usage, a block at a time). On a GPU in overlap mode the device waits
+        # for this call.
+        gauges = (len(engine.scheduler.running), engine.scheduler.num_waiting, engine.kv.usage())
+        if gauges != self._gauges_set:
+            running, waiting, usage = gauges
+            self.running.set(running)
+            self.waiting.set(waiting)
+            self.kv_usage.set(usage)
+            self._gauges_set = gauges
         allocator = engine.kv.allocator
         now = (allocator.prefix_queries(), allocator.prefix_hits())
-        queries, hits = (n - seen for n, seen in zip(now, self._prefix_seen))
-        if queries >= 0 and hits >= 0:  # negative: the counters were reset; start again from here
-            self.prefix_queries.inc(queries)
-            self.prefix_hits.inc(hits)
-        self._prefix_seen = now
+        if now != self._prefix_seen:
+            queries, hits = (n - seen for n, seen in zip(now, self._prefix_seen))
+            if queries >= 0 and hits >= 0:  # negative: the counters were reset; start again from here
+                self.prefix_queries.inc(queries)
+                self.prefix_hits.inc(hits)
+            self._prefix_seen = now
 
     def on_outputs(self, outputs: list[SeqOutput], now: float) -> None:
         """A step's outputs: one counter increment and one histogram update for all its tokens."""

@@ -32,6 +32,14 @@ def test_generate_streams_a_reply_with_no_flags(default_model_path: Path) -> Non
     assert "tok/s decode" in proc.stderr and "TTFT" in proc.stderr
 
 
+def test_generate_with_overlap_on_prints_the_same_reply(default_model_path: Path) -> None:
+    """--overlap on (the CUDA default) forced on the CPU: the same text as with it off."""
+    replies = [lockstep("generate", "--overlap", mode, "--temperature", "0.7", "--seed", "3", "--max-tokens", "12",
+                        "--stop", "e", "Name three rivers.") for mode in ("off", "on")]
+    assert all(proc.returncode == 0 for proc in replies), [proc.stderr for proc in replies]
+    assert replies[0].stdout == replies[1].stdout and replies[0].stdout.strip()
+
+
 def test_chat_keeps_history(default_model_path: Path) -> None:
     """Each turn's prompt holds the turns before it; /reset starts again."""
     stdin = "My name is Ada.\nWhat is my name?\n/reset\nWhat is my name?\n/exit\n"
