@@ -2,7 +2,8 @@
 # Everything a lent GPU should check (see ../shared/GPU.md), as one or two device calls:
 #   bash bench/gpu.sh          # both parts (about 10-15 minutes on an H100)
 #   bash bench/gpu.sh kernels  # part 1: versions, install, ceilings + kernel benchmarks, GPU tests,
-#                              #         end-to-end decode against the roofline, latency determinism
+#                              #         end-to-end decode against the roofline, host time per step
+#                              #         (overlap), latency determinism
 #   bash bench/gpu.sh bench    # part 2: `lockstep bench offline` on synthetic 1B and 8B (bf16, 4-bit)
 #                              #         and a `lockstep bench serve` sweep against `lockstep serve`
 # Results land in $OUT (default bench/results/gpu) as JSON, markdown and PNG, to be committed.
@@ -41,6 +42,8 @@ if [[ $PART == all || $PART == kernels ]]; then
   python bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" || status=1
   python -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 || status=1
   python bench/gpu_e2e.py --out "$OUT" 2>&1 | tee "$OUT/gpu_e2e.log" || status=1
+  # Host time a GPU waits for per decode step of 64, overlap on and off (issue 5: <= 50 us).
+  python bench/overlap.py --out "$OUT/overlap.json" 2>&1 | tee "$OUT/overlap.log" || status=1
   # Latency determinism on the GPU (issue 5: p99/p50 <= 1.15): decode graphs, Triton kernels.
   python bench/latency.py --model synthetic:llama-3.2-1b --out "$OUT/latency_gpu.json" 2>&1 | tee "$OUT/latency.log" || status=1
 fi
@@ -66,6 +69,6 @@ if [[ $PART == all || $PART == bench ]]; then
 fi
 
 echo; echo "== summary =="; cat "$OUT/kernels.md" 2>/dev/null; tail -8 "$OUT/gpu_e2e.log" 2>/dev/null
-tail -7 "$OUT/latency.log" 2>/dev/null
+tail -5 "$OUT/overlap.log" 2>/dev/null; tail -7 "$OUT/latency.log" 2>/dev/null
 for f in "$OUT"/offline-*/offline.md "$OUT"/serve-*/serve.md; do [[ -f $f ]] && { echo "-- $f"; tail -n +4 "$f"; }; done
 exit $status

@@ -50,6 +50,7 @@ from .model import TorchModel
 from .program_runner import ProgramRunner
 from .quantized_weights import QuantizedWeights, load_quantized_gguf, with_float_rows
 from .sampler import log_softmax_rows, sample, sample_with_kernel
+from .sampler_buffers import SamplerBuffers
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledStep, Scheduler
 from .step_program import ProgramLadder
@@ -182,6 +183,12 @@ class Engine:
         self.memory_plan = build_memory_plan(weights, blocks, self.kv, (self.runner.cos, self.runner.sin),
                                              self.workspace, self.config.max_num_seqs)
         # The last input row's logits of prefill-only sequences, so commit() samples without a forward.
+        # The sampling kernel's columns and outputs (the triton backend's sampler), placed once.
+        self.sampler_buffers = SamplerBuffers(self.ladder.largest_rows, self.device) if self.backend == "triton" else None
+        if self.sampler_buffers is not None:
+            for where, tensors in self.sampler_buffers.tensors().items():
+                for tensor in tensors:
+                    self.memory_plan.add(f"sampler_buffers ({where})", tensor)
         slots = self.config.max_num_seqs if self.config.held_logits else 0
         self.held = HeldLogits(slots, model.config.vocab_size, self.device)
         if slots:
@@ -641,7 +648,7 @@ class Engine:
         if len(keep) < len(seqs):
             rows = rows[torch.tensor(keep, device=rows.device)]
         if self.backend == "triton":
-            result = sample_with_kernel(rows, params, keys, banned)
+            result = sample_with_kernel(rows, params, keys, banned, self.sampler_buffers)
         else:
             result = sample(rows.cpu(), params, keys, banned)  # the C++ sampler reads host memory
         self._commit_tokens(sampled, result.token_ids, result.logprobs, result.top_logprobs)
@@ -654,7 +661,9 @@ class Engine:
         if batch.logit_rows_array is None:
             batch.logit_rows_array = np.array(batch.logit_rows, np.int64)
         inputs = self.programs.plan(step.program, *batch.planner_arrays(), batch.logit_rows_array)
-        return self.programs.run(inputs).float()
+        # In the forward's dtype (bf16 on CUDA): the sampling kernel reads it as it is, and what
+        # needs float32 (bans, top and prompt logprobs, held logits) converts its own rows.
+        return self.programs.run(inputs)
 
     def _advance(self, step: ScheduledStep) -> None:
         """Counts the step's tokens as computed, and offers every newly completed full block to the

@@ -21,6 +21,7 @@ import torch
 
 from lockstep import _core
 
+from .sampler_buffers import SamplerBuffers
 from .sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -161,33 +162,49 @@ def _top_logprobs(raw: torch.Tensor, params: list[SamplingParams]) -> list[list[
 
 
 def sample_with_kernel(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int, int]],
-                       banned: list[frozenset[int]] | None = None) -> SampleResult:
+                       banned: list[frozenset[int]] | None = None,
+                       buffers: SamplerBuffers | None = None) -> SampleResult:
     """The choice `sample` makes, made where the logits are by kernels/sampling.py: one launch for
-    every row, no sort, and only the tokens and logprobs cross to the host."""
+    every row, no sort, and only the tokens and logprobs cross to the host. With `buffers` (the
+    engine's, placed at start-up) it allocates nothing on the device; without, it makes its
+    columns and outputs as tensors (tests, benchmarks). The kernel reads fp16/bf16/fp32 logits
+    and computes in fp32, so it takes the forward's own dtype."""
     from lockstep.kernels.sampling import sample_tokens
 
     device = logits.device
-    raw = logits.float()
-    vocab = raw.shape[-1]
     banned_rows = _banned_rows(banned)
+    wants_top = any(p.logprobs for p in params)
+    # A float copy only where the rows are changed or scored here: bans, top logprobs.
+    raw = logits.float() if banned_rows or wants_top else logits
     rows = _without_banned(raw, banned, banned_rows)
-    column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-    # Seeds are 64-bit unsigned; the kernel takes their two's-complement int64 bits.
-    seeds = [seed - (1 << 64) if seed >= 1 << 63 else seed for seed, _, _ in keys]
-    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]  # k >= vocab keeps every token: off
-    tokens, chosen = sample_tokens(
-        rows,
-        temperature=column([0.0 if p.greedy else p.temperature for p in params], torch.float32),
-        top_k=column(top_k, torch.int32),
-        top_p=column([p.top_p for p in params], torch.float32),
-        min_p=column([p.min_p for p in params], torch.float32),
-        seeds=column(seeds, torch.int64),
-        positions=column([k[1] for k in keys], torch.int64),
-        branches=column([k[2] for k in keys], torch.int64),
-    )
+    if buffers is not None:
+        tokens_out, logprobs_out = buffers.outputs(len(params))
+        tokens, chosen = sample_tokens(rows, **buffers.columns(params, keys, raw.shape[-1]), tokens_out=tokens_out,
+                                       logprobs_out=logprobs_out)
+    else:
+        tokens, chosen = sample_tokens(rows, **_kernel_columns(params, keys, raw.shape[-1], device))
     if banned_rows:
         # A banned row's logprob is under the model's own distribution, not the masked one. Only
         # those rows are recomputed, so a row's logprob never depends on its neighbours' bans.
         idx = torch.tensor(banned_rows, device=device)
         chosen[idx] = log_softmax_rows(raw[idx]).gather(1, tokens[idx, None]).squeeze(1)
-    return SampleResult(tokens.tolist(), chosen.tolist(), _top_logprobs(raw, params))
+    top = _top_logprobs(raw, params) if wants_top else [_NO_TOP_LOGPROBS] * len(params)
+    if buffers is not None:
+        token_array, logprobs = buffers.read(len(params))
+        return SampleResult(token_array.tolist(), logprobs.tolist(), top, token_array)
+    return SampleResult(tokens.tolist(), chosen.tolist(), top)
+
+
+def _kernel_columns(params: list[SamplingParams], keys: list[tuple[int, int, int]], vocab: int,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """The kernel's seven columns as new tensors on the device (SamplerBuffers.columns places them)."""
+    column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    # Seeds are 64-bit unsigned; the kernel takes their two's-complement int64 bits.
+    seeds = [seed - (1 << 64) if seed >= 1 << 63 else seed for seed, _, _ in keys]
+    return {"temperature": column([0.0 if p.greedy else p.temperature for p in params], torch.float32),
+            "top_k": column([p.top_k if 0 < p.top_k < vocab else 0 for p in params], torch.int32),  # k >= vocab: off
+            "top_p": column([p.top_p for p in params], torch.float32),
+            "min_p": column([p.min_p for p in params], torch.float32),
+            "seeds": column(seeds, torch.int64),
+            "positions": column([k[1] for k in keys], torch.int64),
+            "branches": column([k[2] for k in keys], torch.int64)}

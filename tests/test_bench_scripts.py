@@ -65,6 +65,20 @@ def test_host_overhead_dry_run() -> None:
                                                         [" 4 ", " greedy "], [" 4 ", " top_p 0.9, T 0.8 "]], out
     assert "C++ step planner at batch 4" in out and "Whole host step at batch 4" in out, out
     assert "Step planning at batch 4" in out and "A server's observers (metrics and request log)" in out, out
+    # The simulated device's table: overlap off and on with the replay, and on with the full pass.
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 250 |")]
+    assert [(row[2].strip(), row[3].strip()) for row in rows] == [("off", "steady replay"), ("on", "steady replay"),
+                                                                   ("on", "full pass")], out
+    assert "Host time an asynchronous device waits for per decode step at batch 4" in out, out
+
+
+def test_overlap_benchmark_dry_run() -> None:
+    """CPU-only and quick: both modes print a row (the real figures need a GPU: bench/gpu.sh)."""
+    out = run_script("overlap.py")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| off |", "| on |"))]
+    assert [row[1].strip() for row in rows] == ["off", "on"], out
+    assert all(float(row[4]) > 0 and float(row[5]) > 0 for row in rows), out
+    assert "Host time exposed per decode step with overlap" in out, out
 
 
 def test_latency_benchmark_dry_run() -> None:

@@ -79,3 +79,32 @@ def test_decode_steps_replay_graphs_and_allocate_nothing() -> None:
         programs._free(handles)
     for key in ("allocation.all.allocated", "segment.all.allocated"):
         assert after[key] == before[key], f"{key}: {before[key]} -> {after[key]} over 1,000 decode steps"
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_whole_engine_steps_allocate_nothing_on_the_device(overlap: str) -> None:
+    """Issue 5's invariant for serving, not only the forward: 1,000 whole Engine.step() calls
+    (schedule, plan, graph replay, the sampling kernel through SamplerBuffers, token bookkeeping)
+    of a sampled decode batch leave torch's device allocation counters where they were."""
+    from lockstep.runtime.config import EngineConfig
+    from lockstep.runtime.engine import Engine
+    from lockstep.runtime.loader import load_model
+    from lockstep.runtime.sampling_params import SamplingParams
+
+    engine = Engine(load_model("synthetic:smollm2-135m"),
+                    EngineConfig(backend="triton", device="cuda", kv_memory_bytes=1 << 30, max_num_seqs=8,
+                                 calibrate="off", overlap=overlap))
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=1100, ignore_eos=True)
+    seqs = [engine.add_request(list(range(100 + i, 130 + i)), params) for i in range(5)]
+    for _ in range(20):  # prefill and warm-up
+        engine.step()
+    assert engine.last_step.program.name == "decode[8]"
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats(engine.device)
+    for _ in range(1000):
+        engine.step()
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_stats(engine.device)
+    assert all(len(s.output_ids) >= 1000 for s in seqs)
+    for key in ("allocation.all.allocated", "segment.all.allocated"):
+        assert after[key] == before[key], f"{key}: {before[key]} -> {after[key]} over 1,000 engine steps"

@@ -240,3 +240,28 @@ def test_sample_with_kernel_matches_the_cpu_sampler_on_a_mixed_batch() -> None:
         assert [t for t, _ in got] == [t for t, _ in want]
         assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=2e-5)
     assert [len(t) for t in cpu.top_logprobs] == [0, 3, 5, 0, 0, 0]
+
+
+def test_sample_with_kernel_through_the_planned_buffers_gives_what_it_gives_alone() -> None:
+    """The engine's SamplerBuffers (columns staged and copied up once, outputs read back through
+    them) against sample_with_kernel making its own tensors: the same tokens and logprobs, bit for
+    bit, over calls of different sizes that reuse the buffers (a stale row would show), with a
+    seed above 2**63 (its two's-complement bits), a ban, top logprobs, and fp16 logits read as
+    they are."""
+    from lockstep.runtime.sampler_buffers import SamplerBuffers
+
+    buffers = SamplerBuffers(8, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(42)
+    for rows, dtype in ((6, torch.float32), (3, torch.float16), (8, torch.float32)):
+        logits = (torch.randn(rows, 500, generator=gen) * 3).to(dtype)
+        params = [SamplingParams(temperature=0.0 if r % 3 == 0 else 0.8, top_p=0.9, top_k=[0, 40, 900][r % 3],
+                                 min_p=0.01 * (r % 2), logprobs=2 if r == 1 else 0) for r in range(rows)]
+        keys = [((1 << 64) - 1 - r if r % 2 else 7 + r, 50 + r, r % 3) for r in range(rows)]
+        banned = [frozenset({int(logits[0].float().argmax())})] + [frozenset()] * (rows - 1)
+        alone, planned = sample_with_kernel(logits, params, keys, banned), \
+            sample_with_kernel(logits, params, keys, banned, buffers)
+        assert planned.token_ids == alone.token_ids and planned.logprobs == alone.logprobs
+        assert planned.top_logprobs == alone.top_logprobs
+        assert planned.token_array.tolist() == alone.token_ids
+    with pytest.raises(ValueError, match="hold 8"):
+        sample_with_kernel(torch.randn(9, 500), [SamplingParams()] * 9, [(1, 1, 0)] * 9, None, buffers)
