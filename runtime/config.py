@@ -94,6 +94,9 @@ class EngineConfig:
     # same model and settings, else measures; "measure" always measures; "off" keeps none (steps
     # are then limited by max_batched_tokens only, and latency targets are not enforced).
     calibrate: str = "auto"
+    # Scale the cost table's predictions by what steps really take (runtime/cost_model.py's
+    # CostModel), so latency targets hold as the machine drifts from the table.
+    cost_correction: bool = True
     # Make a step's token outputs (text, stop strings, delivery) while the device runs the next
     # step: "auto" does where the forward runs asynchronously (CUDA); "on" forces it (tests);
     # "off" makes them before the step returns. Outputs are the same either way.

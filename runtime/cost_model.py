@@ -16,6 +16,8 @@ have each run once.
 Measuring every program takes a second or two on a small CPU, so a table is cached on disk
 under the key of everything it depends on (model, backend, device, threads, the ladder) and
 measured again only when one of those changes or when asked (`lockstep plan --calibrate`).
+
+While serving, CostModel scales the table's predictions by what steps really take (below).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import json
 import logging
 import statistics
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -134,3 +137,60 @@ def load_or_measure(programs: list[StepProgram], run: StepRunner, max_context: i
         except OSError as exc:
             log.warning("cost table not cached (%s)", exc)
     return table
+
+
+class CostModel:
+    """The cost table, kept true by the steps the engine really runs.
+
+    The table is measured once (or read from the cache), and a machine drifts from it: another
+    tenant, a clock that changed, host work per sequence that the table's timing runs have not.
+    A prediction that runs short lets a step exceed an interactive stream's target; one that runs
+    long holds batch work back for nothing. So each step's measured time is set against the
+    table's prediction for it, and predictions are scaled by the median of the latest ratios:
+    per program once it has MIN_SAMPLES of its own. A program without them is scaled up by the
+    median over every program when steps run slow, but never down: programs' costs drift apart
+    (measured on the CPU: decode[1] at 0.69x the table while decode[2] beside 31 batch sequences
+    ran at 0.92x), and a guess that runs short breaks an interactive stream's target. A median
+    over a window, each ratio clamped, so one slow step (a page fault, a GC pause) moves
+    nothing. Outputs never depend on it (batch invariance): only which work shares a step."""
+
+    WINDOW = 32  # ratios kept per program
+    MIN_SAMPLES = 4
+    EVERY = 2  # a program's factor is recomputed every EVERY of its steps (a median costs ~2 us)
+    CLAMP = (0.25, 4.0)
+
+    def __init__(self, table: CostTable) -> None:
+        self.table = table
+        self._ratios: dict[str, deque[float]] = {}
+        self._recent: deque[float] = deque(maxlen=2 * self.WINDOW)  # every program's
+        self._factor: dict[str, float] = {}
+        self.factor = 1.0  # the median over every program: the correction shown to operators
+        self._unseen = 1.0  # a program's factor until it has its own: max(factor, 1)
+        self._seen = 0
+        self._told = 1.0  # the factor last logged
+
+    def predict(self, program: StepProgram, pairs: int) -> float:
+        return self.table.predict(program, pairs) * self._factor.get(program.name, self._unseen)
+
+    def observe(self, program: StepProgram, pairs: int, seconds: float) -> None:
+        """A step of `program` with `pairs` attention pairs took `seconds`."""
+        raw = self.table.predict(program, pairs)
+        if raw <= 0.0:
+            return
+        lo, hi = self.CLAMP
+        ratio = min(max(seconds / raw, lo), hi)
+        window = self._ratios.get(program.name)
+        if window is None:
+            window = self._ratios[program.name] = deque(maxlen=self.WINDOW)
+        window.append(ratio)
+        self._recent.append(ratio)
+        if len(window) >= self.MIN_SAMPLES and len(window) % self.EVERY == 0:
+            self._factor[program.name] = statistics.median(window)
+        self._seen += 1
+        if self._seen >= self.MIN_SAMPLES and self._seen % self.EVERY == 0:
+            self.factor = statistics.median(self._recent)
+            self._unseen = max(self.factor, 1.0)
+            if not 0.8 < self.factor / self._told < 1.25:
+                log.info("cost model: steps take %.2fx the cost table's prediction; predictions follow "
+                         "(`lockstep plan --calibrate` measures the table again)", self.factor)
+                self._told = self.factor

@@ -56,7 +56,7 @@ from .scheduler import ScheduledStep, Scheduler
 from .step_program import ProgramLadder
 from .weights import ModelWeights
 from .workspace import StepWorkspace
-from .cost_model import CostTable, load_or_measure
+from .cost_model import CostModel, CostTable, load_or_measure
 from .fetch import lockstep_home
 from .sequence import FinishReason, SeqOutput, Sequence, SeqStatus
 
@@ -202,7 +202,8 @@ class Engine:
             self.memory_plan.add_opaque("cuda_graphs.pool", torch.cuda.memory_reserved(self.device) - before,
                                         f"{len(self.programs.graphs)} decode graphs", str(self.device))
         self.costs = self._cost_table(model)
-        self.scheduler = Scheduler(self.config, self.kv, self.ladder, self.costs)
+        self.cost_model = CostModel(self.costs) if self.costs is not None and self.config.cost_correction else None
+        self.scheduler = Scheduler(self.config, self.kv, self.ladder, self.cost_model or self.costs)
         self.seqs: dict[int, Sequence] = {}  # live sequences
         self._finished: OrderedDict[int, FinishReason] = OrderedDict()  # recent ends, for cancel's answer
         self._ids = count()
@@ -211,6 +212,7 @@ class Engine:
         self._ready: dict[int, Sequence] = {}  # committed, to sample from held logits next step
         self.last_step: ScheduledStep | None = None
         self.last_error: str | None = None  # the latest failed step's error, for logs and tests
+        self.last_error_step: ScheduledStep | None = None
         self._step_outputs: list[SeqOutput] = []  # the current step's outputs so far (fail_step)
         # Overlap mode: a step's token outputs (detokenizing, stop strings, output objects, and
         # whatever the caller does with them) are made while the device runs the next step,
@@ -490,7 +492,11 @@ class Engine:
         # out what a step that raised had already made.
         outputs, self._early_outputs = self._early_outputs, []
         self._step_outputs = outputs
+        start = time.perf_counter()
         self._step(outputs, during_device)
+        step = self.last_step
+        if step is not None and self.cost_model is not None and self.last_error_step is not step:
+            self.cost_model.observe(step.program, step.pairs, time.perf_counter() - start)
         self._step_outputs = []
         return outputs
 
@@ -521,6 +527,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - one failed step must not take the engine down
             log.exception("step %s failed; failing its %d sequences", step.program.name, len(step.items))
             self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error_step = step  # its time says nothing of the program's cost
             self._flush(outputs)
             outputs.extend(self._finish(item.seq, FinishReason.ERROR, error=self.last_error)
                            for item in step.items if item.seq.status is not _FINISHED)

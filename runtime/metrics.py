@@ -132,6 +132,9 @@ class EngineMetrics:
         self.running = gauge("num_requests_running", "Sequences holding KV in the scheduler.")
         self.waiting = gauge("num_requests_waiting", "Sequences queued for admission.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction (0..1) of KV blocks in use.")
+        self.cost_correction = gauge("cost_model_correction",
+                                     "Measured step time over the start-up cost table's prediction (median).")
+        self.cost_correction.set(1.0)
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests (a fork adds none).")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.request_success = counter("request_success", "Sequences ended (a fork is one), by finish reason.",
@@ -179,12 +182,15 @@ class EngineMetrics:
         # Each set or increment takes a lock: only what changed (a steady decode changes none of
         # these but the KV usage, a block at a time). On a GPU in overlap mode the device waits
         # for this call.
-        gauges = (len(engine.scheduler.running), engine.scheduler.num_waiting, engine.kv.usage())
+        model = engine.cost_model
+        gauges = (len(engine.scheduler.running), engine.scheduler.num_waiting, engine.kv.usage(),
+                  1.0 if model is None else model.factor)
         if gauges != self._gauges_set:
-            running, waiting, usage = gauges
+            running, waiting, usage, correction = gauges
             self.running.set(running)
             self.waiting.set(waiting)
             self.kv_usage.set(usage)
+            self.cost_correction.set(correction)
             self._gauges_set = gauges
         allocator = engine.kv.allocator
         now = (allocator.prefix_queries(), allocator.prefix_hits())

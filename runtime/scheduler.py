@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import EngineConfig
-from .cost_model import CostTable
+from .cost_model import CostModel, CostTable
 from .kv_cache import KVCache
 from .sequence import Sequence, SeqStatus
 from .step_program import ProgramLadder, StepProgram
@@ -62,6 +62,7 @@ class ScheduledStep:
     budget_s: float = math.inf  # the latency target this step had to meet
     # The previous step's items again, each one token further (a steady decode): the same list.
     steady: bool = False
+    pairs: int = 0  # attention pairs: what the prediction was for (CostModel.observe)
 
     @property
     def num_tokens(self) -> int:
@@ -90,7 +91,8 @@ def attention_pairs(seq: Sequence, n: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCache, ladder: ProgramLadder, costs: CostTable | None) -> None:
+    def __init__(self, config: EngineConfig, kv: KVCache, ladder: ProgramLadder,
+                 costs: CostTable | CostModel | None) -> None:
         self.config = config
         self.kv = kv
         self.ladder = ladder
@@ -226,7 +228,8 @@ class Scheduler:
         steady.served_step, steady.served_time = self.step_index, now
         self._unsettled = steady
         predicted = None if self.costs is None else self.costs.predict(steady.program, steady.pairs)
-        return ScheduledStep(steady.program, steady.items, predicted, steady.budget_s, steady=True)
+        return ScheduledStep(steady.program, steady.items, predicted, steady.budget_s, steady=True,
+                             pairs=steady.pairs)
 
     def _settle(self) -> None:
         """Writes the replayed steps' service to their sequences, for round-robin and the
@@ -395,4 +398,4 @@ class _StepBuilder:
     def finish(self) -> ScheduledStep:
         program = self.scheduler.ladder.for_step(self.rows, len(self.items))
         predicted = None if self.scheduler.costs is None else self.scheduler.costs.predict(program, self.pairs)
-        return ScheduledStep(program, self.items, predicted, self.budget)
+        return ScheduledStep(program, self.items, predicted, self.budget, pairs=self.pairs)

@@ -161,6 +161,7 @@ def test_metrics_match_what_the_requests_had(make_engine) -> None:
     assert value(found, "lockstep:num_requests_running") == 0
     assert value(found, "lockstep:num_requests_waiting") == 0
     assert value(found, "lockstep:kv_cache_usage_perc") == 0
+    assert value(found, "lockstep:cost_model_correction") == served.engine.cost_model.factor
     hits = value(found, "lockstep:prefix_cache_hits_total")
     assert hits >= served.engine.kv.block_size, "the repeated prompt reused at least one block"
     assert value(found, "lockstep:prefix_cache_queries_total") >= hits

@@ -45,7 +45,7 @@ def test_a_replay_runs_exactly_the_steps_the_full_pass_would(make_engine, seed: 
     rng = random.Random(seed)
     # A small arena at seed 3: sequences are preempted and recomputed while others decode.
     config = dict(max_num_seqs=6, prefill_chunk=16, kv_memory_bytes=(4 << 20) if seed == 3 else (32 << 20),
-                  overlap="on" if seed % 2 else "off")
+                  overlap="on" if seed % 2 else "off", cost_correction=False)  # timing-free predictions
     requests, actions = workload(make_engine(**config), rng)
     requests = [(prompt, replace(params, latency_class=rng.choice(["interactive", "batch"]),
                                  itl_target_ms=rng.choice([None, 5.0, 1000.0])))
