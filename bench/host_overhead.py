@@ -27,10 +27,10 @@ the default model's (49152), since the CPU sampler's cost grows with both batch 
 
 What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 200 steps per batch):
 - on a device that runs steps asynchronously (SimulatedDevice: a GPU's launch-and-sync, with a
-  1 ms step), the device waits 42 us per decode step of 64 for the host with overlap on (the
-  runtime's default on CUDA), within the 50 us target, and 164 us with it off; that is the
+  1 ms step), the device waits 41 us per decode step of 64 for the host with overlap on (the
+  runtime's default on CUDA), within the 50 us target, and 159 us with it off; that is the
   server's whole loop (AsyncEngine._run) with the metrics and the request log as observers.
-  Runs this session: 42-49 us. What it waits for: the sampler's results read back (~5 us),
+  Runs this session: 41-49 us. What it waits for: the sampler's results read back (~5 us),
   each token taken in (~15 us), the metrics' on_step (~2 us), the scheduler's replay of the
   steady decode (~4 us), its inputs one token on (~3 us) and the plan (~5 us);
 - when every step is the scheduler's full pass (batch work held to an interactive stream's
@@ -38,7 +38,7 @@ What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 
   The full pass sorts every running sequence and gathers each one's inputs (~30 + 14 us);
 - the C++ step planner takes 3 us of a decode step of 64; ProgramRunner.plan around it 5 us;
 - the whole host step of 64 without overlap (the CPU's mode: its forward is synchronous, so
-  overlap would only hold each token back a step) takes 0.23 ms, 4.7x the target; the parts
+  overlap would only hold each token back a step) takes 0.22 ms, 4.4x the target; the parts
   after the forward are most of it: per-token bookkeeping, stop checks and outputs 0.11 ms,
   the sampler 0.07 ms (greedy at a vocabulary of 1024: the chosen tokens' logprobs, an exp per
   logit, are most of it; on a GPU that is device work), the detokenizer 0.06 ms (~1 us a token,
