@@ -35,7 +35,8 @@ What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 
   steady decode (~4 us), its inputs one token on (~3 us) and the plan (~5 us);
 - when every step is the scheduler's full pass (batch work held to an interactive stream's
   latency target, or sequences coming and going), the device waits 93 us: OVER the target.
-  The full pass sorts every running sequence and gathers each one's inputs (~30 + 14 us);
+  The full pass sorts every running sequence and gathers each one's inputs (with timing
+  marks: schedule ~39 us, gather ~17 us, plan ~13 us, against ~6, ~4 and ~6 for a replay);
 - the C++ step planner takes 3 us of a decode step of 64; ProgramRunner.plan around it 5 us;
 - the whole host step of 64 without overlap (the CPU's mode: its forward is synchronous, so
   overlap would only hold each token back a step) takes 0.22 ms, 4.4x the target; the parts
@@ -367,13 +368,10 @@ def time_device_idle(batch: int, step_us: float, overlap: str, replay: bool, war
     try:
         for _ in range(warmup + steps):
             served._apply_commands(block=False)
-            t0 = time.perf_counter()
-            outputs = engine.step(during_device=served._dispatch)
+            served.serve_step()
             step = engine.last_step
             if step is None or step.program.name != f"decode[{batch}]":
                 raise RuntimeError(f"expected decode[{batch}], ran {step and step.program.name}")
-            served._notify("on_step", engine, time.perf_counter() - t0)
-            served._dispatch(outputs)
     finally:
         _core.sample_tokens = SAMPLE_TOKENS
     idle = [ns / 1e3 for ns in device.idle_ns[warmup:]]

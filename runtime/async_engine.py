@@ -247,16 +247,7 @@ class AsyncEngine:
                     break
                 if not engine.has_work():
                     continue
-                t0 = time.perf_counter()
-                try:
-                    # In overlap mode the streams get the previous step's outputs while this
-                    # step's forward runs: the device then waits only for the step's plan.
-                    outputs = engine.step(during_device=self._dispatch)
-                except Exception as exc:  # noqa: BLE001 - a bug in a step must not hang every client
-                    log.exception("engine step raised outside the forward; failing every live request")
-                    outputs = engine.fail_step(f"{type(exc).__name__}: {exc}")
-                self._notify("on_step", engine, time.perf_counter() - t0)
-                self._dispatch(outputs)
+                self.serve_step()
             self._dispatch(engine.finish_all(FinishReason.CANCELLED))
         except BaseException as exc:
             log.exception("the engine thread failed; the server cannot generate until it restarts")
@@ -277,6 +268,21 @@ class AsyncEngine:
                     break
                 if future.set_running_or_notify_cancel():
                     future.set_exception(EngineStoppedError("the engine stopped before this command ran"))
+
+    def serve_step(self) -> None:
+        """One engine step as the engine thread runs it: the step, its observers, and its
+        outputs to their streams (bench/host_overhead.py and bench/overlap.py time this)."""
+        engine = self.engine
+        t0 = time.perf_counter()
+        try:
+            # In overlap mode the streams get the previous step's outputs while this step's
+            # forward runs: the device then waits only for the step's plan.
+            outputs = engine.step(during_device=self._dispatch)
+        except Exception as exc:  # noqa: BLE001 - a bug in a step must not hang every client
+            log.exception("engine step raised outside the forward; failing every live request")
+            outputs = engine.fail_step(f"{type(exc).__name__}: {exc}")
+        self._notify("on_step", engine, time.perf_counter() - t0)
+        self._dispatch(outputs)
 
     def _apply_commands(self, block: bool) -> None:
         try:

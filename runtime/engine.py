@@ -311,6 +311,14 @@ class Engine:
 
     # --- sequence operations (between steps) -------------------------------------------------------
 
+    def _changing(self, seq_id: int) -> Sequence:
+        """A live sequence an operation is about to change: its committed tokens' outputs made
+        first (kept for the next step), and the scheduler told to plan the next step in full."""
+        self._flush_early()
+        seq = self._live(seq_id)
+        self.scheduler.invalidate()
+        return seq
+
     def _live(self, seq_id: int) -> Sequence:
         seq = self.seqs.get(seq_id)
         if seq is None:
@@ -324,9 +332,7 @@ class Engine:
         fork i samples with seeds[i] on branch 0 instead: exactly what a request with that seed,
         unforked from the same tokens, would sample.
         """
-        self._flush_early()
-        parent = self._live(seq_id)
-        self.scheduler.invalidate()  # before the children copy the parent's scheduling state
+        parent = self._changing(seq_id)  # before the children copy the parent's state
         if n < 1:
             raise InvalidRequestError(f"fork needs n >= 1, got {n}")
         if seeds is not None and (len(seeds) != n or any(not isinstance(x, int) or not 0 <= x < 2**64 for x in seeds)):
@@ -362,12 +368,10 @@ class Engine:
 
     def append(self, seq_id: int, tokens: str | Seq[int]) -> None:
         """Adds input to a live sequence; it is prefilled in the coming steps (incremental prefill)."""
-        self._flush_early()
-        seq = self._live(seq_id)
+        seq = self._changing(seq_id)
         ids = self.tokenizer.encode(tokens, add_bos=False) if isinstance(tokens, str) else list(tokens)
         self.check_token_ids(ids)
         self._check_length(seq.num_tokens + len(ids), 0)
-        self.scheduler.invalidate()
         self._drop_held(seq)
         if seq.output_ids:
             # Output text must not run on into what comes after the new input: emit any
@@ -377,8 +381,7 @@ class Engine:
 
     def commit(self, seq_id: int, params: SamplingParams | None = None) -> None:
         """Starts generating from everything the sequence holds (e.g. after incremental input)."""
-        self._flush_early()
-        seq = self._live(seq_id)
+        seq = self._changing(seq_id)
         if params is not None:
             self.check_token_ids(params.stop_token_ids, what="stop token id")
             seq.params = params
@@ -386,7 +389,6 @@ class Engine:
             if params.seed is not None:
                 seq.seed = params.seed  # the reply is then what a request with that seed would sample
         self._check_length(seq.num_tokens, seq.params.max_tokens)
-        self.scheduler.invalidate()
         seq.generating = True
         seq.outputs_at_commit = len(seq.output_ids)
         if seq.held_slot is not None and seq.num_uncomputed == 0:
@@ -396,11 +398,9 @@ class Engine:
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         """Rolls a live sequence back to its first `num_tokens` tokens, output included."""
-        self._flush_early()
-        seq = self._live(seq_id)
+        seq = self._changing(seq_id)
         if not 1 <= num_tokens <= seq.num_tokens:
             raise InvalidRequestError(f"truncate position must be in [1, {seq.num_tokens}], got {num_tokens}")
-        self.scheduler.invalidate()
         self._drop_held(seq)
         del seq.token_ids[num_tokens:]
         kept = sum(1 for p in seq.output_positions if p < num_tokens)
@@ -443,15 +443,11 @@ class Engine:
 
     def pause(self, seq_id: int) -> None:
         """Holds a live sequence out of every step, keeping its KV (it may be preempted first)."""
-        self._flush_early()
-        self._live(seq_id).paused = True
-        self.scheduler.invalidate()
+        self._changing(seq_id).paused = True
 
     def resume(self, seq_id: int) -> None:
         """Lets a paused sequence run again from where it stopped."""
-        self._flush_early()
-        self._live(seq_id).paused = False
-        self.scheduler.invalidate()
+        self._changing(seq_id).paused = False
 
     def finish_all(self, reason: FinishReason, error: str | None = None) -> list[SeqOutput]:
         """Ends every live sequence now, each with one terminal output (shutdown, or a step that

@@ -188,7 +188,7 @@ def sample_with_kernel(logits: torch.Tensor, params: list[SamplingParams], keys:
         # those rows are recomputed, so a row's logprob never depends on its neighbours' bans.
         idx = torch.tensor(banned_rows, device=device)
         chosen[idx] = log_softmax_rows(raw[idx]).gather(1, tokens[idx, None]).squeeze(1)
-    top = _top_logprobs(raw, params) if wants_top else [_NO_TOP_LOGPROBS] * len(params)
+    top = _top_logprobs(raw, params)
     if buffers is not None:
         token_array, logprobs = buffers.read(len(params))
         return SampleResult(token_array.tolist(), logprobs.tolist(), top, token_array)
