@@ -43,7 +43,9 @@ def drive(engine, requests, actions, use_during_device):
             outs.setdefault(out.seq_id, []).append(out)
 
     steps = 0
-    while engine.has_work():
+    # A paused sequence is no work for the engine: its resume, still pending, keeps the run going
+    # (whether anything else is left running when a pause lands depends on chunking, so on timing).
+    while engine.has_work() or any(what == "resume" for _, _, what in pending):
         steps += 1
         assert steps < 2000, "the workload did not finish"
         for action in list(pending):
