@@ -29,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from itertools import count
+from operator import attrgetter
 from pathlib import Path
 from typing import Callable, Iterator, Sequence as Seq
 
@@ -210,6 +211,7 @@ class Engine:
         self._next_branch: dict[int, int] = {}  # per fork family: the next branch number
         self._family: dict[int, int] = {}  # seq id -> id of the family's first sequence
         self._ready: dict[int, Sequence] = {}  # committed, to sample from held logits next step
+        self._cancelling: list[Sequence] = []  # cancel() asked, not yet ended: no scan of seqs a step
         self.last_step: ScheduledStep | None = None
         self.last_error: str | None = None  # the latest failed step's error, for logs and tests
         self.last_error_step: ScheduledStep | None = None
@@ -438,6 +440,7 @@ class Engine:
         seq = self.seqs.get(seq_id)
         if seq is not None:
             seq.cancel_requested = True
+            self._cancelling.append(seq)
             return CancelStatus.CANCELLING
         return CancelStatus.ALREADY_FINISHED if seq_id in self._finished else CancelStatus.UNKNOWN
 
@@ -460,7 +463,7 @@ class Engine:
     # --- the step --------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self._committed or self._early_outputs) or any(s.cancel_requested for s in self.seqs.values()) \
+        return bool(self._committed or self._early_outputs) or bool(self._cancelling) \
             or any(not s.paused for s in self._ready.values()) or self.scheduler.has_work()
 
     def fail_step(self, error: str) -> list[SeqOutput]:
@@ -497,8 +500,10 @@ class Engine:
         return outputs
 
     def _step(self, outputs: list[SeqOutput], during_device: Callable[[list[SeqOutput]], None] | None) -> None:
-        cancelled = [s for s in self.seqs.values() if s.cancel_requested]
-        if cancelled:
+        if self._cancelling:
+            # In arrival order (the order of self.seqs), once each; one that ended meanwhile is skipped.
+            cancelled = sorted(set(self._cancelling), key=attrgetter("seq_id"))
+            self._cancelling = []
             self._flush(outputs)  # a cancelled sequence's tokens already taken in come out before its end
             outputs.extend(self._finish(seq, FinishReason.CANCELLED) for seq in cancelled if seq.status is not _FINISHED)
         ready = self._take_ready()
@@ -566,6 +571,8 @@ class Engine:
         return batch
 
     def _gather_items(self, step: ScheduledStep) -> _StepBatch:
+        if step.decode_only:
+            return self._gather_decodes(step)
         batch = _StepBatch()
         handles, starts, counts, tokens, logit_rows = batch.handles, batch.starts, batch.counts, batch.tokens, \
             batch.logit_rows
@@ -596,6 +603,42 @@ class Engine:
                 elif seq.held_slot is None and len(batch.to_hold) < self.held.num_free:
                     batch.to_hold.append((seq, len(logit_rows)))
                     logit_rows.append(start - 1)
+        return batch
+
+    def _gather_decodes(self, step: ScheduledStep) -> _StepBatch:
+        """_gather_items for a step of one token per sequence, each its input's last: the full
+        pass's usual step, whose planner inputs this makes in one loop without the prompt
+        bookkeeping. Such a row scores no prompt token (it predicts the token after the input),
+        so it is sampled if the sequence generates, else its logits are held."""
+        batch = _StepBatch()
+        handles, starts, tokens, to_sample = batch.handles, batch.starts, batch.tokens, batch.to_sample
+        waiting = 0  # sequences that do not generate (their logits are held)
+        for seq, _ in step.items:
+            first = seq.num_computed
+            handles.append(seq.handle)
+            starts.append(first)
+            tokens.append(seq.token_ids[first])
+            if seq.generating:
+                to_sample.append(seq)
+            else:
+                waiting += 1
+        n = len(handles)
+        batch.counts = [1] * n
+        if not waiting:
+            batch.logit_rows = list(range(n))
+            batch.sample_at = batch.logit_rows
+            batch.logit_rows_array = np.arange(n, dtype=np.int64)
+            return batch
+        to_sample.clear()
+        logit_rows, sample_at, free = batch.logit_rows, batch.sample_at, self.held.num_free
+        for row, (seq, _) in enumerate(step.items):
+            if seq.generating:
+                to_sample.append(seq)
+                sample_at.append(len(logit_rows))
+                logit_rows.append(row)
+            elif seq.held_slot is None and len(batch.to_hold) < free:
+                batch.to_hold.append((seq, len(logit_rows)))
+                logit_rows.append(row)
         return batch
 
     def _take_ready(self) -> list[Sequence]:

@@ -15,8 +15,9 @@ table (runtime/cost_model.py) says how long each takes. The scheduler builds a s
    time is inside the target.
 
 A steady decode (the same sequences as the step before, one token each, nothing waiting to get
-in, no batch work held to a budget, so the step is what the full pass would build) is replayed:
-the previous step's items, their KV slots in one C++ call, and no pass over the sequences. Any
+in, and every batch decode still inside the latency target where there is one, so the step is
+what the full pass would build) is replayed: the previous step's items, their KV slots in one
+C++ call, a few predictions where batch work is held to a target, and no pass over the sequences. Any
 change to who runs or what they need (a sequence added, ended, preempted, paused, given input,
 truncated, committed) drops the replay; the engine reports its own (invalidate()).
 
@@ -63,6 +64,9 @@ class ScheduledStep:
     # The previous step's items again, each one token further (a steady decode): the same list.
     steady: bool = False
     pairs: int = 0  # attention pairs: what the prediction was for (CostModel.observe)
+    # Every item is one token at the end of its sequence's input (no prompt chunk): the engine
+    # gathers such a step's inputs without the per-item prompt bookkeeping.
+    decode_only: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +74,8 @@ class ScheduledStep:
 
 
 _last_scheduled = attrgetter("last_scheduled_step")
+_handle = attrgetter("handle")
+_num_computed = attrgetter("num_computed")
 
 
 @dataclass(slots=True)
@@ -81,6 +87,9 @@ class _SteadyDecode:
     program: StepProgram
     pairs: int  # attention pairs of the latest step; one more per sequence each step
     budget_s: float
+    # With batch decodes held to budget_s: (program, k, pairs) for the first k items, the prefixes
+    # whose predicted time the full pass's take() would check last within each decode bucket.
+    budget_checks: list[list] = field(default_factory=list)
     served_step: int = -1  # the latest step that replayed it, not yet written to the sequences
     served_time: float = 0.0
 
@@ -198,10 +207,10 @@ class Scheduler:
         """The replay of this step for the next ones, if the full pass would build it again: every
         running sequence that is not paused decodes one token in it (so none is held back or
         left out), each is generating (it gets a token, and decodes again), and none waits to be
-        admitted."""
+        admitted. Batch decodes held to a target stay in while each replay's predictions fit it
+        (_budget_checks)."""
         n = len(step.items)
         if prefills or n != len(interactive_decodes) + len(batch) or built.prefill_rows \
-                or (batch and step.budget_s != math.inf) \
                 or (len(self.running) < self.config.max_num_seqs and any(not s.paused for s in self.waiting)):
             return None
         if not all(item.num_tokens == 1 and item.seq.generating for item in step.items):
@@ -211,8 +220,31 @@ class Scheduler:
         in_batch = {id(s) for s in batch}
         order = interactive_decodes + [s for s in self.running if id(s) in in_batch]
         items = step.items if [item.seq for item in step.items] == order else [ScheduledSeq(s, 1) for s in order]
-        handles = np.fromiter((s.handle for s in order), np.int64, n)
-        return _SteadyDecode(items, handles, step.program, built.pairs, step.budget_s)
+        handles = np.array(list(map(_handle, order)), np.int64)
+        held = batch and step.budget_s != math.inf and self.costs is not None  # else every one fits
+        checks = self._budget_checks(order, len(interactive_decodes)) if held else []
+        return _SteadyDecode(items, handles, step.program, built.pairs, step.budget_s, checks)
+
+    def _budget_checks(self, order: list[Sequence], num_interactive: int) -> list[list]:
+        """What a replay must check so that it stays the step the full pass would build while batch
+        decodes are held to a latency target (every one of them was taken: none was left out).
+
+        The full pass takes batch decodes one by one, each only if the step's predicted time with
+        it (the first k items, in the smallest decode bucket that holds k) stays inside the target.
+        Within one bucket the prediction grows with attention pairs, so the prefix that ends each
+        bucket's range is the one that binds; across buckets it need not grow (each program has
+        its own measured correction), so each bucket's is checked. Each replay adds k pairs to
+        the prefix of k (each of its sequences is one token longer)."""
+        pairs = np.cumsum([s.num_computed + 1 for s in order], dtype=np.int64)  # attention_pairs(s, 1) each
+        checks, smaller = [], 0
+        for program in self.ladder.decode:
+            k = min(program.num_seqs, len(order))
+            if k > num_interactive and k > smaller:  # the bucket holds some prefix the full pass checks
+                checks.append([program, k, int(pairs[k - 1])])
+            smaller = program.num_seqs
+            if smaller >= len(order):
+                break
+        return checks
 
     def _replay(self, steady: _SteadyDecode, now: float) -> ScheduledStep | None:
         """The steady decode again, one token further; None (and no replay from now on) when
@@ -222,6 +254,12 @@ class Scheduler:
         if self.kv.allocator.num_free_blocks() < n:
             self._steady = None
             return None
+        if steady.budget_checks:
+            for check in steady.budget_checks:
+                check[2] += check[1]
+            if any(self.costs.predict(program, pairs) > steady.budget_s for program, _, pairs in steady.budget_checks):
+                self._steady = None  # some batch decode no longer fits: the full pass picks who runs
+                return None
         grown = self.kv.reserve_one_each(steady.handles)
         assert grown == n, f"the arena supplied {grown} of {n} decode slots despite the free blocks"
         steady.pairs += n
@@ -229,7 +267,7 @@ class Scheduler:
         self._unsettled = steady
         predicted = None if self.costs is None else self.costs.predict(steady.program, steady.pairs)
         return ScheduledStep(steady.program, steady.items, predicted, steady.budget_s, steady=True,
-                             pairs=steady.pairs)
+                             pairs=steady.pairs, decode_only=True)
 
     def _settle(self) -> None:
         """Writes the replayed steps' service to their sequences, for round-robin and the
@@ -347,13 +385,18 @@ class _StepBuilder:
         no target): the KV slots of all of them in one C++ call. One the arena cannot supply,
         and those after it, go through take() one by one, which preempts to make room."""
         room = min(self.max_rows - self.rows, self.scheduler.config.max_num_seqs - len(self.items))
-        ready = [s for s in seqs if s.handle is not None][:room]
-        grown = self.scheduler.kv.reserve_one_each(np.fromiter((s.handle for s in ready), np.int64, len(ready))) \
-            if ready else 0
+        handles = list(map(_handle, seqs))
+        if None in handles:  # rare: a sequence without KV goes through take(), which skips it
+            ready = [s for s in seqs if s.handle is not None][:room]
+            handles = list(map(_handle, ready))
+        else:
+            ready, handles = seqs[:room], handles[:room]
+        # np.array from a list: a third of the time of np.fromiter over a generator at 64.
+        grown = self.scheduler.kv.reserve_one_each(np.array(handles, np.int64)) if ready else 0
         taken = ready[:grown]
         self.items.extend(map(_scheduled_from_pair, zip(taken, repeat(1))))
         self.rows += grown
-        self.pairs += sum(s.num_computed for s in taken) + grown  # attention_pairs(s, 1) for each
+        self.pairs += sum(map(_num_computed, taken)) + grown  # attention_pairs(s, 1) for each
         for seq in ready[grown:]:
             self.take(seq, 1, force=True)
 
@@ -398,4 +441,5 @@ class _StepBuilder:
     def finish(self) -> ScheduledStep:
         program = self.scheduler.ladder.for_step(self.rows, len(self.items))
         predicted = None if self.scheduler.costs is None else self.scheduler.costs.predict(program, self.pairs)
-        return ScheduledStep(program, self.items, predicted, self.budget, pairs=self.pairs)
+        return ScheduledStep(program, self.items, predicted, self.budget, pairs=self.pairs,
+                             decode_only=self.prefill_rows == 0)

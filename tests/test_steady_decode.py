@@ -129,3 +129,84 @@ def test_a_short_arena_ends_the_replay_before_it_reserves(make_engine) -> None:
     for _ in range(3):
         engine.step()
     assert engine.last_step.steady, "steady again once the arena has room"
+
+
+def test_the_decode_gather_matches_the_general_one(make_engine) -> None:
+    """Engine._gather_decodes (a step of one token per sequence at the end of its input) must
+    make exactly what the general per-item gather makes for the same step: planner inputs, logit
+    rows, which sequences are sampled and which hold their logits. Some sequences prefill
+    without generating (incremental input): their last token's logits are held."""
+    engine = make_engine(max_num_seqs=8, kv_memory_bytes=32 << 20)
+    rng = random.Random(7)
+    general = engine._gather_items
+    compared = []
+
+    def checked(step):
+        batch = general(step)
+        if step.decode_only:
+            reference = general(replace(step, decode_only=False))
+            fields = ("handles", "starts", "counts", "tokens", "logit_rows", "sample_at", "to_sample", "to_hold",
+                      "prompt_lp")
+            assert {f: getattr(batch, f) for f in fields} == {f: getattr(reference, f) for f in fields}
+            if batch.logit_rows_array is not None:
+                assert batch.logit_rows_array.tolist() == reference.logit_rows
+            compared.append((len(step.items), len(batch.to_hold)))
+        return batch
+    engine._gather_items = checked
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    listening = []
+    for i, prompt in enumerate(PROMPTS[:6]):
+        generate = i % 3 != 2
+        seq = engine.add_request(prompt, replace(params, prompt_logprobs=1 if i == 1 else None), generate=generate)
+        if not generate:
+            listening.append(seq)
+    for step in range(40):
+        if step in (6, 14):
+            for seq in listening:
+                # One token: computed in a decode-only step beside the others' decodes.
+                engine.append(seq.seq_id, [rng.randrange(300, 1000)])
+        if step == 20:
+            for seq in listening:
+                engine.commit(seq.seq_id)
+        engine.step()
+    assert any(n > 1 for n, _ in compared), "no decode step of several sequences was gathered"
+    assert any(held for _, held in compared), "no decode step held a listening sequence's logits"
+    assert len(compared) >= 5
+
+
+class _GrowingCosts:
+    """A cost table whose decode predictions grow with attention pairs, with a per-bucket factor
+    that does not grow with the bucket (as CostModel's measured corrections need not): a prefix
+    in a small bucket can miss the target while the whole step, in a larger one, meets it."""
+
+    FACTOR = {"decode[1]": 1.0, "decode[2]": 1.0, "decode[4]": 1.6, "decode[8]": 0.8}
+
+    def __init__(self, per_pair_s: float) -> None:
+        self.per_pair_s = per_pair_s
+
+    def predict(self, program, pairs: int) -> float:
+        return self.FACTOR.get(program.name, 1.0) * (0.0005 * program.num_seqs + self.per_pair_s * pairs)
+
+
+@pytest.mark.parametrize("per_pair_us", [15.0, 25.0, 40.0])
+def test_a_replay_holds_batch_work_to_the_target_as_the_full_pass_does(make_engine, per_pair_us: float) -> None:
+    """One interactive stream with a 10 ms target beside batch streams: while every batch decode
+    fits the target the steady step is replayed; as contexts grow, predictions cross the target
+    (first in decode[4]'s range, whose factor is the larger) and the full pass leaves some out.
+    Step for step the same as a scheduler that never replays."""
+    requests = [(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True, itl_target_ms=10.0))]
+    requests += [(PROMPTS[i], SamplingParams(temperature=0.8, seed=i, max_tokens=60, ignore_eos=True,
+                                             latency_class="batch")) for i in range(1, 6)]
+    runs = {}
+    for replay in (False, True):
+        engine = make_engine(max_num_seqs=8, prefill_chunk=64, kv_memory_bytes=32 << 20, calibrate="off")
+        engine.scheduler.costs = _GrowingCosts(per_pair_us * 1e-6)
+        steps = recorded(engine, replay)
+        outputs = [summary(o) for o in drive(engine, requests, [], use_during_device=False)]
+        runs[replay] = steps, outputs
+    (full_steps, full_outputs), (steps, outputs) = runs[False], runs[True]
+    assert outputs == full_outputs
+    assert [s[:-1] for s in steps] == [s[:-1] for s in full_steps], "a replayed step differs from the full pass"
+    held = [s for s in steps if s[3] != float("inf") and s[0].startswith("decode")]
+    assert sum(s[-1] for s in held) >= 3, "no batch work was replayed under the target"
+    assert any(len(s[1]) < 6 for s in held if not s[-1]), "the target never left a batch decode out"
