@@ -63,18 +63,10 @@ class ProgramLadder:
                                       f"max_num_seqs ({max_num_seqs}): every sequence must fit one step")
         self.decode = [StepProgram("decode", b, b) for b in decode_buckets(max_num_seqs)]
         self.prefill = [StepProgram("prefill", t, min(t, max_num_seqs)) for t in prefill_buckets(max_batched_tokens)]
-
-    @property
-    def programs(self) -> list[StepProgram]:
-        return self.decode + self.prefill
-
-    @property
-    def largest_rows(self) -> int:
-        return max(p.num_tokens for p in self.programs)
-
-    @property
-    def largest_seqs(self) -> int:
-        return max(p.num_seqs for p in self.programs)
+        self.programs = self.decode + self.prefill
+        # Fixed with the ladder; the scheduler reads largest_rows every full pass.
+        self.largest_rows = max(p.num_tokens for p in self.programs)
+        self.largest_seqs = max(p.num_seqs for p in self.programs)
 
     def for_step(self, num_tokens: int, num_seqs: int) -> StepProgram:
         """The program for a step of `num_tokens` rows over `num_seqs` sequences (decode when

@@ -65,10 +65,12 @@ def test_host_overhead_dry_run() -> None:
                                                         [" 4 ", " greedy "], [" 4 ", " top_p 0.9, T 0.8 "]], out
     assert "C++ step planner at batch 4" in out and "Whole host step at batch 4" in out, out
     assert "Step planning at batch 4" in out and "A server's observers (metrics and request log)" in out, out
-    # The simulated device's table: overlap off and on with the replay, and on with the full pass.
+    # The simulated device's table: overlap off and on with the replay, on with the replay holding
+    # batch work to a target, and on with the full pass.
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| 250 |")]
-    assert [(row[2].strip(), row[3].strip()) for row in rows] == [("off", "steady replay"), ("on", "steady replay"),
-                                                                   ("on", "full pass")], out
+    assert [(row[2].strip(), row[3].strip()) for row in rows] == [
+        ("off", "steady replay"), ("on", "steady replay"), ("on", "steady replay, batch held to a target"),
+        ("on", "full pass")], out
     assert "Host time an asynchronous device waits for per decode step at batch 4" in out, out
 
 
