@@ -25,7 +25,11 @@ grows with context: step_planner.json has 64 sequences at 4096 tokens). A second
 `sample` alone, greedy and sampled (temperature 0.8, top_p 0.9), at the tiny vocabulary and at
 the default model's (49152), since the CPU sampler's cost grows with both batch and vocabulary.
 
-What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 200 steps per batch):
+What it measured on the machine of the round that built overlap (one torch thread, 200 steps per
+batch); bench/results/host_overhead.json now holds a later run on a machine that ran every part
+2.5-3x slower (see the README), where the replay holding batch work to a target (schedule
+"held") made the device wait 134 us against 219 us for the full pass it replaced, and 120 us for
+the plain replay:
 - on a device that runs steps asynchronously (SimulatedDevice: a GPU's launch-and-sync, with a
   1 ms step), the device waits 41 us per decode step of 64 for the host with overlap on (the
   runtime's default on CUDA), within the 50 us target, and 159 us with it off; that is the
@@ -33,8 +37,8 @@ What it measured (bench/results/host_overhead.json: AMD EPYC, one torch thread, 
   Runs this session: 41-49 us. What it waits for: the sampler's results read back (~5 us),
   each token taken in (~15 us), the metrics' on_step (~2 us), the scheduler's replay of the
   steady decode (~4 us), its inputs one token on (~3 us) and the plan (~5 us);
-- when every step is the scheduler's full pass (batch work held to an interactive stream's
-  latency target, or sequences coming and going), the device waits 93 us: OVER the target.
+- when every step is the scheduler's full pass (sequences coming and going, or a prompt
+  prefilled beside the decodes), the device waits 93 us: OVER the target.
   The full pass sorts every running sequence and gathers each one's inputs (with timing
   marks: schedule ~39 us, gather ~17 us, plan ~13 us, against ~6, ~4 and ~6 for a replay);
 - the C++ step planner takes 3 us of a decode step of 64; ProgramRunner.plan around it 5 us;
