@@ -231,7 +231,8 @@ class Scheduler:
 
         The full pass takes batch decodes one by one, each only if the step's predicted time with
         it (the first k items, in the smallest decode bucket that holds k) stays inside the target.
-        Within one bucket the prediction grows with attention pairs, so the prefix that ends each
+        Within one bucket the prediction grows with attention pairs (the table's slope is never
+        negative, and a correction is a positive factor), so the prefix that ends each
         bucket's range is the one that binds; across buckets it need not grow (each program has
         its own measured correction), so each bucket's is checked. Each replay adds k pairs to
         the prefix of k (each of its sequences is one token longer)."""
