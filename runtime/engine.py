@@ -572,7 +572,9 @@ class Engine:
 
     def _gather_items(self, step: ScheduledStep) -> _StepBatch:
         if step.decode_only:
-            return self._gather_decodes(step)
+            batch = self._gather_decodes(step)
+            if batch is not None:
+                return batch
         batch = _StepBatch()
         handles, starts, counts, tokens, logit_rows = batch.handles, batch.starts, batch.counts, batch.tokens, \
             batch.logit_rows
@@ -605,40 +607,26 @@ class Engine:
                     logit_rows.append(start - 1)
         return batch
 
-    def _gather_decodes(self, step: ScheduledStep) -> _StepBatch:
-        """_gather_items for a step of one token per sequence, each its input's last: the full
-        pass's usual step, whose planner inputs this makes in one loop without the prompt
-        bookkeeping. Such a row scores no prompt token (it predicts the token after the input),
-        so it is sampled if the sequence generates, else its logits are held."""
+    def _gather_decodes(self, step: ScheduledStep) -> _StepBatch | None:
+        """_gather_items for a step of one token per sequence, each its input's last, every one
+        generating: the full pass's usual step, whose planner inputs this makes in one loop
+        without the prompt bookkeeping (such a row predicts the token after the input, so it
+        scores no prompt token). None if some sequence only listens (its logits are held): the
+        general gather handles that."""
         batch = _StepBatch()
         handles, starts, tokens, to_sample = batch.handles, batch.starts, batch.tokens, batch.to_sample
-        waiting = 0  # sequences that do not generate (their logits are held)
         for seq, _ in step.items:
+            if not seq.generating:
+                return None
             first = seq.num_computed
             handles.append(seq.handle)
             starts.append(first)
             tokens.append(seq.token_ids[first])
-            if seq.generating:
-                to_sample.append(seq)
-            else:
-                waiting += 1
+            to_sample.append(seq)
         n = len(handles)
         batch.counts = [1] * n
-        if not waiting:
-            batch.logit_rows = list(range(n))
-            batch.sample_at = batch.logit_rows
-            batch.logit_rows_array = np.arange(n, dtype=np.int64)
-            return batch
-        to_sample.clear()
-        logit_rows, sample_at, free = batch.logit_rows, batch.sample_at, self.held.num_free
-        for row, (seq, _) in enumerate(step.items):
-            if seq.generating:
-                to_sample.append(seq)
-                sample_at.append(len(logit_rows))
-                logit_rows.append(row)
-            elif seq.held_slot is None and len(batch.to_hold) < free:
-                batch.to_hold.append((seq, len(logit_rows)))
-                logit_rows.append(row)
+        batch.logit_rows = batch.sample_at = list(range(n))
+        batch.logit_rows_array = np.arange(n, dtype=np.int64)
         return batch
 
     def _take_ready(self) -> list[Sequence]:
