@@ -448,11 +448,6 @@ def _label(kind: str, value: float) -> str:
     return f"concurrency {value}" if kind == "concurrency" else f"rate {value:g}/s"
 
 
-def _json_value(value: float) -> float | int | str:
-    # JSON has no infinity (json.dumps would write the non-standard `Infinity`).
-    return "inf" if value == math.inf else value
-
-
 async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, list]]]:
     import httpx
     from tqdm import tqdm
@@ -481,7 +476,7 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, di
         results: dict[str, Any] = {
             "url": url, "model": model, "endpoint": args.endpoint,
             "settings": {"num_prompts": n, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-                         "concurrency": concurrency, "request_rate": [_json_value(r) for r in rates],
+                         "concurrency": concurrency, "request_rate": list(rates),
                          "temperature": args.temperature, "seed": args.seed, "timeout_s": args.timeout,
                          "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
                          "extra_body": args.extra_body},
@@ -497,7 +492,8 @@ async def _sweep(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, di
                     done, duration = await run_rate(client, chunk, k * n, value,
                                                     random.Random(point_seed(args.seed, k)), bar)
             metrics, raw = point_metrics(done, duration, args.output_tokens, args.slo_ttft_ms, args.slo_tpot_ms)
-            results["points"].append({"kind": kind, "value": _json_value(value), **metrics})
+            # An infinite rate stays math.inf here; write_report spells it "inf" (strict_json).
+            results["points"].append({"kind": kind, "value": value, **metrics})
             samples[_label(kind, value)] = raw
     return results, samples
 
@@ -506,7 +502,7 @@ def _warnings(results: dict[str, Any]) -> list[str]:
     want = results["settings"]["output_tokens"]
     lines = []
     for p in results["points"]:
-        label = _label(p["kind"], math.inf if p["value"] == "inf" else p["value"])
+        label = _label(p["kind"], p["value"])
         if p["failed"]:
             errors = "; ".join(f"{count}x {msg}" for msg, count in p["errors"].items())
             lines.append(f"{label}: {p['failed']} of {p['failed'] + p['completed']} requests failed ({errors})")
@@ -552,7 +548,7 @@ def _plots(out: Path, results: dict[str, Any], samples: dict[str, dict[str, list
     for kind, name in (("concurrency", "closed loop: concurrency"), ("rate", "open loop: request rate (req/s)")):
         # An infinite rate has no place on the axis; its figures are in the table.
         pts = [(p["value"], p["output_throughput"]) for p in results["points"]
-               if p["kind"] == kind and p["value"] != "inf"]
+               if p["kind"] == kind and math.isfinite(p["value"])]
         if pts:
             series[name] = ([x for x, _ in pts], [y for _, y in pts])
     xlabel = " / ".join(label.split(": ")[1] for label in series) or "concurrency"
