@@ -7,15 +7,22 @@ whose last logits are held (runtime/held_logits.py) runs no forward: it only sam
 first tokens, so those come out before the next forward. Sequence operations (fork, append,
 commit, truncate, cancel) happen between steps, so a step always sees a consistent state.
 
-A sampled token is taken in at once (_commit_tokens: what the next step's plan reads, and
-whether it ends the sequence) and its output made apart (_emit: text, stop strings, the
-SeqOutput). In overlap mode (EngineConfig.overlap, on by default on CUDA) the outputs are made
-once the next step's forward is launched, while the device runs it, as vLLM's async scheduling
-and SGLang's overlap scheduler do; the device then waits for the host only from a step's
-sampled tokens to the next launch. A stop string found then ends a sequence that is already
-in the running step: that row's token is dropped. What a client sees is the same either way
-(tests/test_overlap.py); on the CPU the forward is synchronous, so overlap would only delay
-each token by a step, and it is off there.
+A sampled token is taken in (_commit_tokens: what the next step's plan reads, and whether it
+ends the sequence) and its output made apart (_emit: text, stop strings, the SeqOutput).
+Without overlap both happen in the step that sampled it. In overlap mode (EngineConfig.overlap,
+on by default on CUDA), as in vLLM's async scheduling and SGLang's overlap scheduler, the next
+step is planned and launched first, with the sampled tokens as its input where they lie (on
+CUDA the sampling kernel's output tensor: ProgramRunner.plan copies them in on the device).
+Only then does the host wait for them, take them in and make their outputs, while the device
+runs that step. The device then waits for the host only when the host's whole step takes longer
+than its own. Two consequences:
+- a token that ends its sequence is known only after the next step was launched with the
+  sequence in it. That row's token is dropped: a stop token, a stop string. A sequence whose
+  token ends it whatever it is (max_tokens, the context) is left out of the next step;
+- every sequence operation (fork, append, truncate, commit, pause, resume) takes in a pending
+  token first, so it acts on every token sampled so far.
+What a client sees is the same either way (tests/test_overlap.py); on the CPU the forward is
+synchronous, so overlap would only delay each token by a step, and it is off there.
 """
 from __future__ import annotations
 
@@ -50,7 +57,7 @@ from .memory_plan import build_memory_plan, human_bytes
 from .model import TorchModel
 from .program_runner import ProgramRunner
 from .quantized_weights import QuantizedWeights, load_quantized_gguf, with_float_rows
-from .sampler import log_softmax_rows, sample, sample_with_kernel
+from .sampler import DeferredSample, SampleResult, log_softmax_rows, sample, sample_with_kernel
 from .sampler_buffers import SamplerBuffers
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledStep, Scheduler
@@ -69,6 +76,9 @@ _FINISHED = SeqStatus.FINISHED
 # A token taken in whose output is not made yet: (seq, token, logprob, top logprobs, how the
 # token itself ended the sequence, if it did). Engine._commit_tokens makes one, Engine._emit reads it.
 _Committed = tuple[Sequence, int, float, list[tuple[int, float]], FinishReason | None]
+# A step's sampling whose tokens the host has not taken in yet (overlap mode): the sequences, in
+# the result's row order, and the result (runtime/sampler.py; `ready()` waits for its tokens).
+_Pending = tuple[list[Sequence], SampleResult | DeferredSample]
 
 
 class CancelStatus(str, Enum):
@@ -108,10 +118,17 @@ class _StepBatch:
     to_sample: list[Sequence] = field(default_factory=list)  # their rows are logits[sample_at[i]]
     sample_at: list[int] = field(default_factory=list)
     to_hold: list[tuple[Sequence, int]] = field(default_factory=list)  # prefill-only, at the end of their input
+    # Rows whose input token the step before sampled and the host has not taken in yet (overlap
+    # mode): row pending_rows[i] reads row pending_src[i] of that sampling's result.
+    pending_rows: list[int] = field(default_factory=list)
+    pending_src: list[int] = field(default_factory=list)
     # The planner's numpy inputs (handles, starts, counts, tokens), made once from the lists.
     arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
     items: list | None = None  # the step's items, when a steady replay of it can reuse this batch
-    sampled: np.ndarray | None = None  # the tokens sampled for to_sample, in order, when every row was
+    # The tokens sampled for to_sample, in order, when every row was: on the host, or on the
+    # device while they are pending (a deferred sampling on CUDA).
+    sampled: np.ndarray | torch.Tensor | None = None
+    device_tokens: torch.Tensor | None = None  # a replay's input tokens when `sampled` was on the device
     logit_rows_array: np.ndarray | None = None
 
     def planner_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -124,14 +141,18 @@ class _StepBatch:
         """This plain decode batch a step later: every sequence one token further, its input the
         token it was just given (the sampler's own array of them, when it gave one). Only the
         starts and tokens change; the rest is shared."""
-        handles, starts, counts, _ = self.planner_arrays()
-        tokens = self.sampled
-        if tokens is None:
+        handles, starts, counts, tokens = self.planner_arrays()
+        sampled, on_device = self.sampled, None
+        if isinstance(sampled, torch.Tensor):
+            on_device = sampled  # the planner's token column is a placeholder, overwritten on the device
+        elif sampled is not None:
+            tokens = sampled
+        else:
             tokens = np.fromiter((seq.token_ids[-1] for seq in self.to_sample), np.int64, len(self.to_sample))
         return _StepBatch(handles=self.handles, starts=self.starts, counts=self.counts, tokens=self.tokens,
                           logit_rows=self.logit_rows, to_sample=self.to_sample, sample_at=self.sample_at,
                           arrays=(handles, starts + 1, counts, tokens), items=self.items,
-                          logit_rows_array=self.logit_rows_array)
+                          logit_rows_array=self.logit_rows_array, device_tokens=on_device)
 
 
 class Engine:
@@ -216,12 +237,14 @@ class Engine:
         self.last_error: str | None = None  # the latest failed step's error, for logs and tests
         self.last_error_step: ScheduledStep | None = None
         self._step_outputs: list[SeqOutput] = []  # the current step's outputs so far (fail_step)
-        # Overlap mode: a step's token outputs (detokenizing, stop strings, output objects, and
-        # whatever the caller does with them) are made while the device runs the next step,
-        # so the device waits only for what the next step's plan reads. Only where the forward
-        # runs asynchronously (CUDA) does that hide anything; on the CPU it would hold each
-        # token back by a whole step.
+        # Overlap mode: the next step is launched before the host has this step's tokens (they
+        # are its input on the device), and the tokens are taken in and their outputs made
+        # (detokenizing, stop strings, output objects, and whatever the caller does with them)
+        # while the device runs it. The device then waits for the host only when the host's
+        # whole step takes longer than the device's. Only where the forward runs asynchronously
+        # (CUDA) does that hide anything; on the CPU it would hold each token back by a step.
         self.overlap = self.config.overlap == "on" or (self.config.overlap == "auto" and self.device.type == "cuda")
+        self._pending: _Pending | None = None  # sampled, not yet taken in (overlap mode, _resolve)
         self._committed: list[_Committed] = []  # taken in, outputs not made yet (_flush)
         self._early_outputs: list[SeqOutput] = []  # made between steps, for the next step()
         self._last_batch: _StepBatch | None = None  # the latest plain decode batch, for a steady replay
@@ -456,6 +479,7 @@ class Engine:
         """Ends every live sequence now, each with one terminal output (shutdown, or a step that
         left the engine's state in doubt). Outputs of tokens already taken in come first."""
         outputs, self._early_outputs = self._early_outputs, []
+        self._resolve()
         self._flush(outputs)
         outputs.extend(self._finish(seq, reason, error=error) for seq in list(self.seqs.values()))
         return outputs
@@ -463,7 +487,7 @@ class Engine:
     # --- the step --------------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self._committed or self._early_outputs) or bool(self._cancelling) \
+        return self._pending is not None or bool(self._committed or self._early_outputs) or bool(self._cancelling) \
             or any(not s.paused for s in self._ready.values()) or self.scheduler.has_work()
 
     def fail_step(self, error: str) -> list[SeqOutput]:
@@ -471,6 +495,7 @@ class Engine:
         cancels and finishes, which have left `seqs`), then every live sequence ended with an
         error, so each still has exactly one terminal output."""
         made, self._step_outputs = self._step_outputs, []
+        self._resolve()  # tokens sampled before the failure are good: taken in, and their outputs made below
         # Tokens taken in whose outputs were not made (the error may have been in making one):
         # a sequence that its token's commit already ended still needs its terminal output.
         left, self._committed = self._committed, []
@@ -504,8 +529,11 @@ class Engine:
             # In arrival order (the order of self.seqs), once each; one that ended meanwhile is skipped.
             cancelled = sorted(set(self._cancelling), key=attrgetter("seq_id"))
             self._cancelling = []
+            self._resolve()
             self._flush(outputs)  # a cancelled sequence's tokens already taken in come out before its end
             outputs.extend(self._finish(seq, FinishReason.CANCELLED) for seq in cancelled if seq.status is not _FINISHED)
+        if self._ready:
+            self._resolve()  # a step of held logits samples at once: nothing left pending before it
         ready = self._take_ready()
         if ready:
             # Committed sequences whose first token needs no forward: sampled now, in a step of
@@ -519,6 +547,7 @@ class Engine:
         step = self.scheduler.schedule()
         self.last_step = step
         if step is None:
+            self._resolve()
             self._flush(outputs)
             return
 
@@ -529,14 +558,17 @@ class Engine:
             log.exception("step %s failed; failing its %d sequences", step.program.name, len(step.items))
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.last_error_step = step  # its time says nothing of the program's cost
+            self._resolve()
             self._flush(outputs)
             outputs.extend(self._finish(item.seq, FinishReason.ERROR, error=self.last_error)
                            for item in step.items if item.seq.status is not _FINISHED)
             return
         if self.overlap:
-            # The forward is launched (on CUDA, queued on the stream): the previous step's
-            # outputs are made now, while it runs. A stop string found here ends a sequence
-            # already in this step; its row's token is dropped (_sample skips it).
+            # The forward is launched (on CUDA, queued on the stream, its input tokens read from
+            # the previous step's sampling there): the previous step's tokens are taken in and
+            # their outputs made now, while it runs. A stop token or string found here ends a
+            # sequence already in this step; its row's token is dropped (_sample skips it).
+            self._resolve()
             self._flush(outputs)
             if during_device is not None and outputs:
                 during_device(list(outputs))
@@ -550,7 +582,7 @@ class Engine:
             # Every row is a sampled one in a plain decode step: no gather needed then.
             rows = logits if len(batch.sample_at) == len(batch.logit_rows) else \
                 logits[torch.tensor(batch.sample_at, device=logits.device)]
-            self._sample(batch.to_sample, rows, outputs)
+            self._sample(batch.to_sample, rows, outputs, defer=self.overlap)
         if not self.overlap:
             self._flush(outputs)
 
@@ -586,7 +618,11 @@ class Engine:
             handles.append(seq.handle)
             starts.append(first)
             counts.append(n)
-            if n == 1:
+            if first == len(ids):  # its input is a token still pending on the device (one token: n == 1)
+                batch.pending_rows.append(len(tokens))
+                batch.pending_src.append(seq.pending_index)
+                tokens.append(0)
+            elif n == 1:
                 tokens.append(ids[first])
             else:
                 tokens.extend(ids[first:first + n])
@@ -597,7 +633,7 @@ class Engine:
                     batch.prompt_lp.append((seq, len(logit_rows), scored[0] - start + first, len(scored)))
                     logit_rows.extend(scored)
             start += n
-            if first + n == len(ids):
+            if first + n == len(ids) + seq.num_pending:
                 if seq.generating:
                     batch.to_sample.append(seq)
                     batch.sample_at.append(len(logit_rows))
@@ -621,7 +657,13 @@ class Engine:
             first = seq.num_computed
             handles.append(seq.handle)
             starts.append(first)
-            tokens.append(seq.token_ids[first])
+            ids = seq.token_ids
+            if first == len(ids):  # its input is a token still pending on the device
+                batch.pending_rows.append(len(tokens))
+                batch.pending_src.append(seq.pending_index)
+                tokens.append(0)
+            else:
+                tokens.append(ids[first])
             to_sample.append(seq)
         n = len(handles)
         batch.counts = [1] * n
@@ -648,10 +690,14 @@ class Engine:
                 self._ensure_logits_pending(seq)
         return ready
 
-    def _sample(self, seqs: list[Sequence], rows: torch.Tensor, outputs: list[SeqOutput]) -> None:
+    def _sample(self, seqs: list[Sequence], rows: torch.Tensor, outputs: list[SeqOutput], defer: bool = False) -> None:
         """Samples each sequence's next token from its row of logits and commits it (its output
         comes from _flush). A sequence already at max_tokens ends unsampled, its output appended
-        to `outputs` (the step's own list, so a finish is never lost if a later one raises)."""
+        to `outputs` (the step's own list, so a finish is never lost if a later one raises).
+
+        With `defer` (overlap mode) the tokens are left pending: the next step is planned with
+        them still on the device and _resolve commits them once it is launched. A sequence whose
+        token ends it whatever the token is (max_tokens, the context) is left out of that plan."""
         # One pass builds the sampler's columns; it runs for every sequence of every step.
         sampled: list[Sequence] = []
         keep: list[int] = []
@@ -682,19 +728,57 @@ class Engine:
         if len(keep) < len(seqs):
             rows = rows[torch.tensor(keep, device=rows.device)]
         if self.backend == "triton":
-            result = sample_with_kernel(rows, params, keys, banned, self.sampler_buffers)
+            result = sample_with_kernel(rows, params, keys, banned, self.sampler_buffers, defer=defer)
         else:
             result = sample(rows.cpu(), params, keys, banned)  # the C++ sampler reads host memory
-        self._commit_tokens(sampled, result.token_ids, result.logprobs, result.top_logprobs)
         batch = self._last_batch
         if batch is not None and batch.to_sample is seqs and len(sampled) == len(seqs):
-            batch.sampled = result.token_array  # the next steady step's input tokens
+            batch.sampled = result.token_array  # the next steady step's input tokens (on the device if deferred)
+        if not defer:
+            result = result.ready()
+            self._commit_tokens(sampled, result.token_ids, result.logprobs, result.top_logprobs)
+            return
+        self._pending = (sampled, result)
+        max_model_len, ending = self.max_model_len, False
+        for i, seq in enumerate(sampled):
+            p = seq.params
+            if (p.max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit + 1 >= p.max_tokens) \
+                    or len(seq.token_ids) + 1 >= max_model_len:
+                ending = True  # its token is its last: the next step leaves it out (left 0 tokens)
+            else:
+                seq.num_pending, seq.pending_index = 1, i
+        if ending:
+            self.scheduler.invalidate()  # a replay would keep it in
+
+    def _resolve(self) -> None:
+        """Takes in the tokens of the latest deferred sampling (waiting for them if they are not
+        on the host yet): what the next schedule, and every sequence operation, reads."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        seqs, result = pending
+        result = result.ready()
+        self._commit_tokens(seqs, result.token_ids, result.logprobs, result.top_logprobs)
 
     def _run_step(self, step: ScheduledStep, batch: _StepBatch) -> torch.Tensor:
         """Plans the step into the workspace (one C++ call) and runs its program; logits [R, vocab]."""
         if batch.logit_rows_array is None:
             batch.logit_rows_array = np.array(batch.logit_rows, np.int64)
-        inputs = self.programs.plan(step.program, *batch.planner_arrays(), batch.logit_rows_array)
+        arrays = batch.planner_arrays()
+        on_device = None
+        if batch.pending_rows:
+            # Input tokens the step before sampled: filled in from its result where the host has
+            # it (the CPU's sampler), else copied on the device after the plan is uploaded.
+            sampled = self._pending[1].token_array
+            rows, src = np.array(batch.pending_rows, np.int64), np.array(batch.pending_src, np.int64)
+            if isinstance(sampled, np.ndarray):
+                arrays[3][rows] = sampled[src]
+            else:
+                on_device = (rows, src, sampled)
+        elif batch.device_tokens is not None:  # a steady replay's input: every row's token still on the device
+            on_device = (None, None, batch.device_tokens)
+        inputs = self.programs.plan(step.program, *arrays, batch.logit_rows_array, device_tokens=on_device)
         # In the forward's dtype (bf16 on CUDA): the sampling kernel reads it as it is, and what
         # needs float32 (bans, top and prompt logprobs, held logits) converts its own rows.
         return self.programs.run(inputs)
@@ -741,6 +825,7 @@ class Engine:
         committed = self._committed
         max_model_len = self.max_model_len
         for seq, token, logprob, top in zip(seqs, tokens, logprobs, tops):
+            seq.num_pending = 0
             if seq.held_slot is not None:
                 self._drop_held(seq)  # sampled from them, or recomputed them: they are stale now
             ids = seq.token_ids
@@ -813,7 +898,9 @@ class Engine:
 
     def _flush_early(self) -> None:
         """Before an operation that reads or changes a sequence's text or tokens (fork, append,
-        truncate, ...): the committed tokens' outputs, kept for the next step() to return."""
+        truncate, ...): the sampled tokens taken in and their outputs made, kept for the next
+        step() to return."""
+        self._resolve()
         self._flush(self._early_outputs)
 
     @staticmethod

@@ -49,6 +49,10 @@ class ProgramRunner:
         self._per_seq: dict[int, tuple[torch.Tensor, ...]] = {}
         self._logit_rows: dict[int, torch.Tensor] = {}
         self._logit_rows_host = ws.host_array("logit_rows")
+        # On CUDA the metadata goes up from pinned host memory with queued copies. In overlap mode
+        # the next step is planned before the host has waited for anything after this step's
+        # upload, so the planner must not overwrite that memory before the copies have run.
+        self._uploaded = torch.cuda.Event() if ws.device_metadata is not ws.host else None
 
     def inputs(self, program: StepProgram, num_seqs: int, num_logits: int) -> StepInputs:
         """The program's views of the workspace (what a captured graph reads, on CUDA). The
@@ -74,13 +78,43 @@ class ProgramRunner:
                           logit_rows=logit_rows)
 
     def plan(self, program: StepProgram, handles: np.ndarray, starts: np.ndarray, counts: np.ndarray,
-             tokens: np.ndarray, logit_rows: np.ndarray | list[int]) -> StepInputs:
-        """Fills the workspace for one step; returns the inputs the forward reads."""
+             tokens: np.ndarray, logit_rows: np.ndarray | list[int],
+             device_tokens: tuple[np.ndarray | None, np.ndarray | None, torch.Tensor] | None = None) -> StepInputs:
+        """Fills the workspace for one step; returns the inputs the forward reads.
+
+        `device_tokens` (overlap mode): (rows, src, sampled), input tokens the host does not have
+        yet. Row rows[i] takes sampled[src[i]], copied where `sampled` lies after the rest is
+        uploaded (`tokens` holds placeholders there); rows None: every row takes sampled's, in order."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()  # the previous step's upload has run: its host memory is free
         num_seqs = program.num_seqs if program.kind == "decode" else len(handles)
         self.planner.plan(handles, starts, counts, tokens, num_seqs, program.num_tokens)
         self._logit_rows_host[:len(logit_rows)] = logit_rows
         self.workspace.upload(program.num_tokens, num_seqs, len(logit_rows))
+        if device_tokens is not None:
+            self._fill_tokens(*device_tokens)
+        if self._uploaded is not None:
+            self._uploaded.record()
         return self.inputs(program, num_seqs, len(logit_rows))
+
+    def _fill_tokens(self, rows: np.ndarray | None, src: np.ndarray | None, sampled: torch.Tensor) -> None:
+        """Writes input tokens from a sampling's output tensor into the step's token ids, on the
+        tensor's device: queued behind the kernel that wrote them, with no wait for it and through
+        planned buffers only (index_select and index_copy_ into them allocate nothing)."""
+        token_ids = self.workspace.metadata("token_ids")
+        if rows is None:
+            token_ids[:sampled.shape[0]].copy_(sampled)
+            return
+        ws, n = self.workspace, len(rows)
+        ws.host_array("pending_rows")[:n] = rows
+        ws.host_array("pending_src")[:n] = src
+        on_device = [ws.metadata(name)[:n] for name in ("pending_rows", "pending_src")]
+        if ws.device_metadata is not ws.host:
+            for name, device_view in zip(("pending_rows", "pending_src"), on_device):
+                device_view.copy_(ws.host.tensors[name][:n], non_blocking=True)
+        picked = ws.metadata("pending_tokens")[:n]
+        torch.index_select(sampled, 0, on_device[1], out=picked)
+        token_ids.index_copy_(0, on_device[0], picked)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] of the step whose inputs plan() made."""

@@ -52,7 +52,26 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float]  # of the chosen token under the model's raw distribution
     top_logprobs: list[list[tuple[int, float]]]  # per row, the N most likely (N = params.logprobs)
-    token_array: np.ndarray | None = None  # token_ids as the C++ sampler wrote them (int64)
+    token_array: np.ndarray | None = None  # token_ids as the sampler wrote them (int64)
+
+    def ready(self) -> SampleResult:
+        """Already on the host (DeferredSample's is not yet)."""
+        return self
+
+
+class DeferredSample:
+    """A sampling kernel's result before the host has it (overlap mode on CUDA): its tokens are
+    on the device, where the next step's forward reads them, and on their way to pinned host
+    memory; ready() waits for that copy alone, not for whatever was queued after it."""
+
+    def __init__(self, buffers: SamplerBuffers, rows: int, top: list[list[tuple[int, float]]]) -> None:
+        self.token_array = buffers.tokens[:rows]  # on the device: the next step's input tokens
+        self._buffers, self._rows, self._top = buffers, rows, top
+        buffers.start_read(rows)
+
+    def ready(self) -> SampleResult:
+        tokens, logprobs = self._buffers.finish_read(self._rows)
+        return SampleResult(tokens.tolist(), logprobs.tolist(), self._top, tokens)
 
 
 def filtered_distribution(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,12 +182,13 @@ def _top_logprobs(raw: torch.Tensor, params: list[SamplingParams]) -> list[list[
 
 def sample_with_kernel(logits: torch.Tensor, params: list[SamplingParams], keys: list[tuple[int, int, int]],
                        banned: list[frozenset[int]] | None = None,
-                       buffers: SamplerBuffers | None = None) -> SampleResult:
+                       buffers: SamplerBuffers | None = None, defer: bool = False) -> SampleResult | DeferredSample:
     """The choice `sample` makes, made where the logits are by kernels/sampling.py: one launch for
     every row, no sort, and only the tokens and logprobs cross to the host. With `buffers` (the
     engine's, placed at start-up) it allocates nothing on the device; without, it makes its
     columns and outputs as tensors (tests, benchmarks). The kernel reads fp16/bf16/fp32 logits
-    and computes in fp32, so it takes the forward's own dtype."""
+    and computes in fp32, so it takes the forward's own dtype. With `defer` (and `buffers`) the
+    host does not wait for the tokens: a DeferredSample, whose ready() does."""
     from lockstep.kernels.sampling import sample_tokens
 
     device = logits.device
@@ -190,9 +210,10 @@ def sample_with_kernel(logits: torch.Tensor, params: list[SamplingParams], keys:
         chosen[idx] = log_softmax_rows(raw[idx]).gather(1, tokens[idx, None]).squeeze(1)
     top = _top_logprobs(raw, params)
     if buffers is not None:
-        token_array, logprobs = buffers.read(len(params))
-        return SampleResult(token_array.tolist(), logprobs.tolist(), top, token_array)
-    return SampleResult(tokens.tolist(), chosen.tolist(), top)
+        pending = DeferredSample(buffers, len(params), top)
+        return pending if defer else pending.ready()
+    token_array = tokens.cpu().numpy()
+    return SampleResult(token_array.tolist(), chosen.tolist(), top, token_array)
 
 
 def _kernel_columns(params: list[SamplingParams], keys: list[tuple[int, int, int]], vocab: int,

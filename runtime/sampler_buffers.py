@@ -38,6 +38,9 @@ class SamplerBuffers:
         self.host_tokens, self.host_logprobs = host(max_rows, torch.int64), host(max_rows, torch.float32)
         self._floats_np, self._ints_np = self.host_floats.numpy(), self.host_ints.numpy()
         self._top_k_np = self.host_top_k.numpy()
+        # Marks the outputs' copy to the host on the stream, so a reader waits for that copy and
+        # not for the next step's forward queued after it (overlap mode).
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
     def tensors(self) -> dict[str, list[torch.Tensor]]:
         """Every buffer, for the memory plan."""
@@ -70,9 +73,20 @@ class SamplerBuffers:
 
     def read(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """The tokens and logprobs the kernel wrote (copies, as the buffers are reused next step):
-        two copies to pinned memory and one wait for the stream."""
+        two copies to pinned memory and one wait for them."""
+        self.start_read(rows)
+        return self.finish_read(rows)
+
+    def start_read(self, rows: int) -> None:
+        """Queues the outputs' copies to pinned host memory behind the kernel, and marks them."""
         self.host_tokens[:rows].copy_(self.tokens[:rows], non_blocking=True)
         self.host_logprobs[:rows].copy_(self.logprobs[:rows], non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+        if self._copied is not None:
+            self._copied.record(torch.cuda.current_stream(self.device))
+
+    def finish_read(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Waits for start_read's copies; the tokens and logprobs, copied out of the staging
+        buffers (the next start_read reuses them)."""
+        if self._copied is not None:
+            self._copied.synchronize()
         return self.host_tokens[:rows].numpy().copy(), self.host_logprobs[:rows].numpy().copy()

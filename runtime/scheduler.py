@@ -167,7 +167,7 @@ class Scheduler:
         for seq in self.running:
             if seq.paused:
                 continue
-            left = len(seq.token_ids) - seq.num_computed
+            left = len(seq.token_ids) + seq.num_pending - seq.num_computed  # seq.num_uncomputed, inlined
             if left == 1:
                 (interactive_decodes if seq.params.latency_class == "interactive" else batch).append(seq)
             elif left:

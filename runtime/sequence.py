@@ -38,6 +38,11 @@ class Sequence:
     handle: int | None = None  # block allocator handle while it holds KV
     held_slot: int | None = None  # its last input token's logits, kept in Engine.held (runtime/held_logits.py)
     num_computed: int = 0  # leading tokens whose K/V are in the cache
+    # In overlap mode, 1 while its sampled token is still on the device, not yet in token_ids
+    # (Engine._resolve takes it in once the next step is launched); pending_index is its row in
+    # that sampling's result.
+    num_pending: int = 0
+    pending_index: int = -1
     output_ids: list[int] = field(default_factory=list)
     output_positions: list[int] = field(default_factory=list)  # index of each output in token_ids
     output_logprobs: list[float] = field(default_factory=list)
@@ -63,7 +68,7 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return len(self.token_ids) + self.num_pending - self.num_computed
 
     @property
     def num_new_outputs(self) -> int:

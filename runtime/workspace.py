@@ -71,6 +71,11 @@ def metadata_specs(rows: int, seqs: int, max_blocks: int) -> list[BufferSpec]:
         BufferSpec("block_tables", (seqs, max_blocks), torch.int32),
         BufferSpec("seq_lens", (seqs,), torch.int32),
         BufferSpec("query_start", (seqs + 1,), torch.int32),
+        # Overlap mode on CUDA: input tokens still on the device, from the step before's sampling
+        # (ProgramRunner.plan): which rows, from which of its rows, and the tokens picked out.
+        BufferSpec("pending_rows", (rows,), torch.int64),
+        BufferSpec("pending_src", (rows,), torch.int64),
+        BufferSpec("pending_tokens", (rows,), torch.int64),
     ]
 
 

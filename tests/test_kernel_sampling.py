@@ -263,5 +263,12 @@ def test_sample_with_kernel_through_the_planned_buffers_gives_what_it_gives_alon
         assert planned.token_ids == alone.token_ids and planned.logprobs == alone.logprobs
         assert planned.top_logprobs == alone.top_logprobs
         assert planned.token_array.tolist() == alone.token_ids
+        # Deferred (overlap mode): the tokens stay where the kernel wrote them, the next step's
+        # input, until ready() brings them to the host; then it is the same result.
+        deferred = sample_with_kernel(logits, params, keys, banned, buffers, defer=True)
+        assert deferred.token_array.data_ptr() == buffers.tokens.data_ptr()
+        assert deferred.token_array.tolist() == alone.token_ids
+        done = deferred.ready()
+        assert (done.token_ids, done.logprobs, done.top_logprobs) == (alone.token_ids, alone.logprobs, alone.top_logprobs)
     with pytest.raises(ValueError, match="hold 8"):
         sample_with_kernel(torch.randn(9, 500), [SamplingParams()] * 9, [(1, 1, 0)] * 9, None, buffers)

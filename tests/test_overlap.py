@@ -1,12 +1,15 @@
-"""Overlap mode (EngineConfig.overlap): a step's token outputs are made while the next step's
-forward runs, one step later than without it. What a client sees must not change.
+"""Overlap mode (EngineConfig.overlap): the next step's forward is launched before the host takes
+in a step's sampled tokens (they are its input on the device), and those tokens are taken in and
+their outputs made while it runs, one step later than without overlap. What a client sees must
+not change.
 
 The reference is the same engine with overlap off, the path every other engine test checks.
 Each workload mixes what overlap makes subtle: stop strings (found a step late in overlap
 mode, after the sequence was scheduled again), stop tokens, max_tokens, min_tokens, top
 logprobs, prompt logprobs, forks, cancels, pause/resume and truncate/append, with more
-requests than seats so admission waits. Operations fire on what a sequence has committed
-(its output_ids), the same in both modes, never on step counts, which overlap shifts.
+requests than seats so admission waits. Operations fire on what a sequence has sampled (its
+output_ids and a token still pending), the same in both modes, never on step counts, which
+overlap shifts.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import random
 
 import pytest
 
+from lockstep.runtime.errors import InvalidRequestError
 from lockstep.runtime.sampling_params import SamplingParams
 from lockstep.runtime.sequence import FinishReason
 
@@ -30,8 +34,8 @@ PROMPTS = [
 
 
 def drive(engine, requests, actions, use_during_device):
-    """Runs requests to the end, applying `actions` (seq index, committed outputs, what) when a
-    sequence has committed that many outputs. Returns every output, by request order, and the
+    """Runs requests to the end, applying `actions` (seq index, sampled outputs, what) when a
+    sequence has sampled that many outputs. Returns every output, by request order, and the
     ids of sequences made by forks, in the order they were made."""
     seqs = [engine.add_request(prompt, params) for prompt, params in requests]
     outs: dict[int, list] = {s.seq_id: [] for s in seqs}
@@ -51,31 +55,43 @@ def drive(engine, requests, actions, use_during_device):
         for action in list(pending):
             index, at, what = action
             seq = seqs[index]
-            if seq.finished or len(seq.output_ids) < at:
+            # Sampled tokens count, pending ones too: in overlap mode the latest is taken in only
+            # once the next step is launched, or by the operation itself (before it acts).
+            if seq.finished or len(seq.output_ids) + seq.num_pending < at:
                 continue
             pending.remove(action)
-            if what == "cancel":
-                engine.cancel(seq.seq_id)
-            elif what == "fork":
-                children = engine.fork(seq.seq_id, 2)
-                forks.extend(c.seq_id for c in children)
-                for child in children:
-                    outs[child.seq_id] = []
-            elif what == "pause":
-                engine.pause(seq.seq_id)
-                pending.append((index, at, "resume"))
-            elif what == "resume":
-                engine.resume(seq.seq_id)
-            elif what == "append":  # more input while it generates: prefilled, then it goes on
-                engine.append(seq.seq_id, " (as I was saying)")
-            elif what == "rewrite":  # a voice turn's barge-in: roll back, say more, answer again
-                engine.pause(seq.seq_id)
-                engine.truncate(seq.seq_id, seq.num_prompt_tokens + 2)
-                engine.append(seq.seq_id, " and then, quite suddenly,")
-                engine.commit(seq.seq_id, SamplingParams(temperature=0.8, seed=5, max_tokens=6, ignore_eos=True))
-                engine.resume(seq.seq_id)
+            try:
+                apply(engine, seq, index, at, what, pending, forks, outs)
+            except InvalidRequestError:
+                # Its pending token (taken in by the operation, before it acts) ended it: the
+                # reference saw it finished at this count and skipped the action too.
+                assert seq.finished, "an operation on a live sequence failed"
         take(engine.step(during_device=take) if use_during_device else engine.step())
     return [outs[s.seq_id] for s in seqs] + [outs[i] for i in forks]
+
+
+def apply(engine, seq, index: int, at: int, what: str, pending: list, forks: list, outs: dict) -> None:
+    """One action of drive()'s on seq (a resume is queued after a pause)."""
+    if what == "cancel":
+        engine.cancel(seq.seq_id)
+    elif what == "fork":
+        children = engine.fork(seq.seq_id, 2)
+        forks.extend(c.seq_id for c in children)
+        for child in children:
+            outs[child.seq_id] = []
+    elif what == "pause":
+        engine.pause(seq.seq_id)
+        pending.append((index, at, "resume"))
+    elif what == "resume":
+        engine.resume(seq.seq_id)
+    elif what == "append":  # more input while it generates: prefilled, then it goes on
+        engine.append(seq.seq_id, " (as I was saying)")
+    elif what == "rewrite":  # a voice turn's barge-in: roll back, say more, answer again
+        engine.pause(seq.seq_id)
+        engine.truncate(seq.seq_id, seq.num_prompt_tokens + 2)
+        engine.append(seq.seq_id, " and then, quite suddenly,")
+        engine.commit(seq.seq_id, SamplingParams(temperature=0.8, seed=5, max_tokens=6, ignore_eos=True))
+        engine.resume(seq.seq_id)
 
 
 def summary(outputs):
@@ -134,29 +150,37 @@ def test_overlap_changes_no_output(make_engine, seed: int) -> None:
     assert FinishReason.STOP in ends and FinishReason.LENGTH in ends, f"the workload hit too little: {ends}"
 
 
-def test_overlap_makes_a_steps_outputs_one_step_later(make_engine) -> None:
-    """The one difference overlap makes: a token's output comes with the step after the one that
-    sampled it, handed to during_device while that step's forward runs."""
+def test_overlap_launches_the_next_step_before_taking_in_a_token(make_engine) -> None:
+    """What overlap changes: the next step's forward is launched with a step's sampled token as
+    its input before the host takes that token in, and the token's output comes with that next
+    step, handed to during_device while its forward runs."""
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     off, on = make_engine(overlap="off"), make_engine(overlap="on")
     a, b = off.add_request(PROMPTS[0], params), on.add_request(PROMPTS[0], params)
     first = off.step()
     assert [o.token_id for o in first] == [a.output_ids[0]]
-    assert on.step() == [] and len(b.output_ids) == 1, "sampled and taken in, but no output yet"
+    assert on.step() == [] and b.output_ids == [] and b.num_pending == 1, "sampled, not yet taken in"
+    run, launched = on.programs.run, []
+
+    def launch(inputs):
+        launched.append((list(b.output_ids), int(inputs.token_ids[0])))
+        return run(inputs)
+    on.programs.run = launch
     during = []
     assert on.step(during_device=during.extend) == []
-    assert [o.token_id for o in during] == b.output_ids[:1] and len(b.output_ids) == 2
+    assert launched == [([], a.output_ids[0])], "launched before the token was taken in, with it as input"
+    assert [o.token_id for o in during] == b.output_ids == a.output_ids[:1] and b.num_pending == 1
 
 
 def test_overlap_still_ends_every_request_once_when_a_step_raises(make_engine) -> None:
-    """In overlap mode tokens wait between steps with their outputs not made. A step that raises
-    while making them (here: the detokenizer) leaves fail_step to end each request once,
-    including one its last token had already ended (max_tokens)."""
+    """In overlap mode tokens wait between steps, not yet taken in, their outputs not made. A step
+    that raises while making them (here: the detokenizer) leaves fail_step to end each request
+    once, including one its last token had already ended (max_tokens)."""
     engine = make_engine(overlap="on")
     short = engine.add_request(PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
     long = engine.add_request(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
     outputs = engine.step()
-    assert outputs == [] and short.finished and long.output_ids, "taken in (one ended by it), outputs not made yet"
+    assert outputs == [] and not short.finished and long.num_pending == 1, "sampled, not yet taken in"
 
     def broken(token):
         raise RuntimeError("detokenizer bug")

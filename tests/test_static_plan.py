@@ -8,6 +8,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 
 from lockstep.runtime.cli import main
 from lockstep.runtime.engine import CancelStatus
@@ -197,3 +198,40 @@ def test_a_shapes_step_inputs_are_made_once_and_read_the_latest_plan(make_engine
     assert set(programs._per_row) <= {p.num_tokens for p in engine.ladder.programs}
     assert max(programs._per_seq) <= engine.ladder.largest_seqs
     assert max(programs._logit_rows) <= engine.ladder.largest_rows
+
+
+def test_input_tokens_still_on_the_device_are_copied_into_the_plan(make_engine) -> None:
+    """Overlap mode's input tokens from the step before's sampling, which the host does not have
+    yet (ProgramRunner.plan's device_tokens): copied where the sampling's tensor lies, through
+    planned buffers, into the rows they belong to, the other rows untouched. On the CPU the
+    "device" is host memory, so this runs the code CUDA runs. The reference is the plan made with
+    every token given on the host."""
+    engine = make_engine()
+    programs, kv, vocab = engine.programs, engine.kv, engine.model_config.vocab_size
+    rng = np.random.default_rng(11)
+    program = engine.ladder.for_step(8, 3)  # a prefill program: rows of three sequences
+    handles = [kv.allocator.new_sequence() for _ in range(3)]
+    try:
+        for h in handles:
+            kv.reserve(h, 4)
+        args = (np.array(handles, np.int64), np.array([0, 0, 0], np.int64), np.array([3, 1, 4], np.int64))
+        tokens = rng.integers(0, vocab, 8, dtype=np.int64)
+        expected = programs.plan(program, *args, tokens, [2, 3, 7]).token_ids.tolist()
+        sampled = torch.from_numpy(rng.integers(0, vocab, 5, dtype=np.int64))  # a sampling's output rows
+        rows, src = np.array([3, 0, 7]), np.array([4, 1, 2])
+        tokens[rows] = sampled.numpy()[src]
+        placeholders = tokens.copy()
+        placeholders[rows] = -1
+        got = programs.plan(program, *args, placeholders, [2, 3, 7],
+                            device_tokens=(rows, src, sampled)).token_ids.tolist()
+        assert got == programs.plan(program, *args, tokens, [2, 3, 7]).token_ids.tolist() != expected
+        assert got[:8] == tokens.tolist()
+        # Every row from the sampling, in order (a steady replay's input).
+        decode = engine.ladder.for_step(3, 3)
+        one_each = (np.array(handles, np.int64), np.array([3, 3, 3], np.int64), np.ones(3, np.int64))
+        every = programs.plan(decode, *one_each, np.full(3, -1, np.int64), [0, 1, 2],
+                              device_tokens=(None, None, sampled[:3])).token_ids.tolist()
+        assert every[:3] == sampled[:3].tolist()
+    finally:
+        for h in handles:
+            kv.allocator.free(h)

@@ -30,7 +30,9 @@ def recorded(engine, replay: bool) -> list:
         engine.scheduler._steady_after = lambda *args: None
     plan = engine.programs.plan
 
-    def recording_plan(program, handles, starts, counts, tokens, logit_rows):
+    def recording_plan(program, handles, starts, counts, tokens, logit_rows, device_tokens=None):
+        # On the CPU a pending token's value is on the host: the engine fills it into `tokens`.
+        assert device_tokens is None, "the CPU's planner inputs are all on the host"
         step = engine.last_step
         steps.append((program.name, [(item.seq.seq_id, item.num_tokens) for item in step.items], step.predicted_s,
                       step.budget_s, handles.tolist(), starts.tolist(), counts.tolist(), tokens.tolist(),

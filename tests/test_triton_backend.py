@@ -44,3 +44,38 @@ def test_triton_backend_samples_like_the_torch_backend(tmp_path) -> None:
         assert ours.output_ids == ref.output_ids
         np.testing.assert_allclose(ours.logprobs, ref.logprobs, atol=1e-4)
         assert [[i for i, _ in top] for top in ours.top_logprobs] == [[i for i, _ in top] for top in ref.top_logprobs]
+
+
+def test_triton_backend_in_overlap_mode_reads_pending_tokens_on_the_device(tmp_path) -> None:
+    """Overlap mode with the sampling kernel: each step is launched with the step before's tokens
+    still in the kernel's output tensor (DeferredSample), copied into the plan on the device
+    (ProgramRunner.plan's device_tokens), CUDA's path, here on CPU tensors. Four requests at
+    once, with a stop token, so steps are steady replays and full passes with rows left out. The
+    reference is the torch backend without overlap."""
+    from dataclasses import replace
+
+    from tiny_gguf import TinySpec, write_tiny_gguf
+
+    from lockstep.runtime.config import EngineConfig
+    from lockstep.runtime.engine import Engine
+    from lockstep.runtime.loader import load_model
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", TinySpec(hidden=128, ffn=256, heads=2, kv_heads=1), seed=11)
+    model = load_model(path, quiet=True)
+    prompts = ["the theme", "a sin", "on the", "sin the a"]
+    params = [SamplingParams(temperature=2.0, seed=3 + i, max_tokens=5 + 2 * i, ignore_eos=True) for i in range(4)]
+
+    def reference() -> list:
+        return Engine(model, EngineConfig(backend="torch", overlap="off", kv_memory_bytes=4 << 20)).generate(prompts, params)
+    params[2] = replace(params[2], stop_token_ids=[reference()[2].output_ids[3]])  # it ends early, the others go on
+    expected = reference()
+    fills = []
+    engine = Engine(model, EngineConfig(backend="triton", overlap="on", kv_memory_bytes=4 << 20))
+    assert engine.overlap
+    fill_tokens = engine.programs._fill_tokens
+    engine.programs._fill_tokens = lambda rows, src, sampled: fills.append(rows is None) or fill_tokens(rows, src, sampled)
+    ours = engine.generate(prompts, params)
+    assert [r.output_ids for r in ours] == [r.output_ids for r in expected]
+    assert [r.finish_reason.value for r in ours] == [r.finish_reason.value for r in expected]
+    assert expected[2].finish_reason.value == "stop"
+    assert True in fills and False in fills, "both the replay's copy of every row and the full pass's of some ran"
