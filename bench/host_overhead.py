@@ -25,43 +25,42 @@ grows with context: step_planner.json has 64 sequences at 4096 tokens). A second
 `sample` alone, greedy and sampled (temperature 0.8, top_p 0.9), at the tiny vocabulary and at
 the default model's (49152), since the CPU sampler's cost grows with both batch and vocabulary.
 
-What it measured on the machine of the round that built overlap (one torch thread, 200 steps per
-batch); bench/results/host_overhead.json now holds a later run on a machine that ran every part
-2.5-3x slower (see the README), where the replay holding batch work to a target (schedule
-"held") made the device wait 134 us against 219 us for the full pass it replaced, and 120 us for
-the plain replay:
-- on a device that runs steps asynchronously (SimulatedDevice: a GPU's launch-and-sync, with a
-  1 ms step), the device waits 41 us per decode step of 64 for the host with overlap on (the
-  runtime's default on CUDA), within the 50 us target, and 159 us with it off; that is the
-  server's whole loop (AsyncEngine._run) with the metrics and the request log as observers.
-  Runs this session: 41-49 us. What it waits for: the sampler's results read back (~5 us),
-  each token taken in (~15 us), the metrics' on_step (~2 us), the scheduler's replay of the
-  steady decode (~4 us), its inputs one token on (~3 us) and the plan (~5 us);
-- when every step is the scheduler's full pass (sequences coming and going, or a prompt
-  prefilled beside the decodes), the device waits 93 us: OVER the target.
-  The full pass sorts every running sequence and gathers each one's inputs (with timing
-  marks: schedule ~39 us, gather ~17 us, plan ~13 us, against ~6, ~4 and ~6 for a replay);
-- the C++ step planner takes 3 us of a decode step of 64; ProgramRunner.plan around it 5 us;
+What it measured (bench/results/host_overhead.json; one torch thread, 200 steps per batch) on a
+slow machine, 2.5-3x slower at every part than the fastest one seen (in brackets: that one's
+figures, from the round that built the first overlap):
+- on a device that runs steps asynchronously (SimulatedDevice: a GPU's queue, 1 ms steps), with
+  the server's whole loop (AsyncEngine._run) and the metrics and the request log as observers,
+  the device waits 0 us per decode step of 64 for the host with overlap on (the runtime's
+  default on CUDA): the next step is launched before the host takes in the step's tokens, so
+  the host's step (432-642 us here, launch to launch less its waits for tokens) runs while the
+  device does. That holds for the steady replay, for batch work held to an interactive
+  stream's target, and for the scheduler's full pass every step (sequences coming and going, or
+  a prompt prefilled beside the decodes). Without overlap the device waits 413 us [159 us]. At
+  250 us device steps the host's step is the longer, and the device waits 46, 282 and 394 us in
+  those three modes. Before overlap launched ahead, the device waited from a step's tokens to
+  the next launch: 120, 134 and 219 us in those modes at 1 ms steps on a machine as slow [41 us
+  with the replay, 93 us with the full pass];
+- the step's planning (schedule, gather, inputs, plan) takes 46 us at batch 64 in a replay,
+  the C++ step planner 6.9 us of it [3 us], ProgramRunner.plan around it 15.6 us [5 us];
 - the whole host step of 64 without overlap (the CPU's mode: its forward is synchronous, so
-  overlap would only hold each token back a step) takes 0.22 ms, 4.4x the target; the parts
-  after the forward are most of it: per-token bookkeeping, stop checks and outputs 0.11 ms,
-  the sampler 0.07 ms (greedy at a vocabulary of 1024: the chosen tokens' logprobs, an exp per
-  logit, are most of it; on a GPU that is device work), the detokenizer 0.06 ms (~1 us a token,
-  in DecodeStream). At the start of this session's work it took 0.28 ms (0.58 ms before the
-  previous session's);
-- the default model's tokenizer on real text: 0.83 us a token through DecodeStream, 1.7 us
-  through the window path (two decodes from Python) it falls back to;
-- sampling at the default model's vocabulary (49152, random logits): greedy 51 us for one row
-  and 24 us a row at batch 64 (the logprob's exps shared by 2 threads); temperature 0.8 /
-  top_p 0.9 0.40 ms for one row and 0.19 ms a row at batch 64 (random logits keep most of the
-  vocabulary; the sort-based sampler before it took 4.1 ms a row);
-- a server's observers (the metrics and the request log) take 20 us on a step of 64 tokens, in
-  one call a step; in overlap mode that call is made while the device runs;
+  overlap would only hold each token back a step) takes 0.56 ms [0.22 ms]; the parts after the
+  forward are most of it: per-token bookkeeping, stop checks and outputs 0.28 ms, the sampler
+  0.15 ms (greedy at a vocabulary of 1024: the chosen tokens' logprobs, an exp per logit, and
+  the columns built from Python; on a GPU that is device work), the detokenizer 0.15 ms;
+- the default model's tokenizer on real text: 1.21 us a token through DecodeStream [0.83 us],
+  2.31 us through the window path (two decodes from Python) it falls back to;
+- sampling at the default model's vocabulary (49152, random logits): greedy 110 us for one row
+  and 35 us a row at batch 64; temperature 0.8 / top_p 0.9 0.65 ms for one row and 0.25 ms a
+  row at batch 64 [0.19 ms] (random logits keep most of the vocabulary; the sort-based sampler
+  before it took 4.1 ms a row);
+- a server's observers (the metrics and the request log) take 38 us [20 us] on a step of 64
+  tokens, in one call a step; in overlap mode that call is made while the device runs.
 The machine is shared: back-to-back runs vary by up to 1.5x at batch 64, every part slower
 by the same factor in the slow ones.
 On CUDA the engine samples with kernels/sampling.py (sample_with_kernel) instead of the C++
-sampler, and its host cost (small tensors to the device, one launch, a sync) is not measured here;
-the scheduler, detokenizer and bookkeeping above are the same there.
+sampler, and its host cost (the columns staged in planned buffers, one launch, and the tokens
+read back, in overlap mode only once the next step is launched) is not measured here; the
+scheduler, detokenizer and bookkeeping above are the same there.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/host_overhead.py            # ~15 s
     OMP_NUM_THREADS=1 .venv/bin/python bench/host_overhead.py --dry-run  # tiny, checks the script
