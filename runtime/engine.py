@@ -148,6 +148,9 @@ class _StepBatch:
         elif sampled is not None:
             tokens = sampled
         else:
+            # A token still pending is not in token_ids yet (a replay after a deferred sampling
+            # always has `sampled`): reading the one before it would be wrong.
+            assert not any(seq.num_pending for seq in self.to_sample), "replaying a batch whose tokens are pending"
             tokens = np.fromiter((seq.token_ids[-1] for seq in self.to_sample), np.int64, len(self.to_sample))
         return _StepBatch(handles=self.handles, starts=self.starts, counts=self.counts, tokens=self.tokens,
                           logit_rows=self.logit_rows, to_sample=self.to_sample, sample_at=self.sample_at,
@@ -495,15 +498,25 @@ class Engine:
         cancels and finishes, which have left `seqs`), then every live sequence ended with an
         error, so each still has exactly one terminal output."""
         made, self._step_outputs = self._step_outputs, []
-        self._resolve()  # tokens sampled before the failure are good: taken in, and their outputs made below
-        # Tokens taken in whose outputs were not made (the error may have been in making one):
-        # a sequence that its token's commit already ended still needs its terminal output.
+        self._end_unmade(made, error)
+        try:
+            # Tokens still pending were sampled before the failure: taken in and given their
+            # outputs, as without overlap, where the step before would have made them.
+            self._resolve()
+            self._flush(made)
+        except Exception:  # noqa: BLE001 - the same failure again: end what is left as above
+            log.exception("making the outputs of tokens sampled before a failed step failed too")
+            self._end_unmade(made, error)
+        return made + self.finish_all(FinishReason.ERROR, error)
+
+    def _end_unmade(self, made: list[SeqOutput], error: str) -> None:
+        """Tokens taken in whose outputs were not made (the error may have been in making one):
+        a sequence that its token's commit already ended still needs its terminal output."""
         left, self._committed = self._committed, []
         for seq, *_ in left:
             if seq.status is _FINISHED:
                 seq.finish_reason, seq.error = FinishReason.ERROR, error
                 made.append(self._final_output(seq, SeqOutput(seq.seq_id, None, "")))
-        return made + self.finish_all(FinishReason.ERROR, error)
 
     def step(self, during_device: Callable[[list[SeqOutput]], None] | None = None) -> list[SeqOutput]:
         """Runs one step; returns its outputs (tokens, text, finishes) in order.
@@ -532,10 +545,9 @@ class Engine:
             self._resolve()
             self._flush(outputs)  # a cancelled sequence's tokens already taken in come out before its end
             outputs.extend(self._finish(seq, FinishReason.CANCELLED) for seq in cancelled if seq.status is not _FINISHED)
-        if self._ready:
-            self._resolve()  # a step of held logits samples at once: nothing left pending before it
         ready = self._take_ready()
         if ready:
+            self._resolve()  # a step of held logits samples at once: nothing left pending before it
             # Committed sequences whose first token needs no forward: sampled now, in a step of
             # their own, so that token is out before the next forward rather than after it.
             self.last_step = None
@@ -618,7 +630,10 @@ class Engine:
             handles.append(seq.handle)
             starts.append(first)
             counts.append(n)
-            if first == len(ids):  # its input is a token still pending on the device (one token: n == 1)
+            if first + n > len(ids):
+                # Its last input token is still pending on the device: a decode, or a sequence
+                # preempted and admitted again in this same schedule, recomputing from its cache.
+                tokens.extend(ids[first:])
                 batch.pending_rows.append(len(tokens))
                 batch.pending_src.append(seq.pending_index)
                 tokens.append(0)

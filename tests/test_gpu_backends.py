@@ -81,11 +81,14 @@ def test_decode_steps_replay_graphs_and_allocate_nothing() -> None:
         assert after[key] == before[key], f"{key}: {before[key]} -> {after[key]} over 1,000 decode steps"
 
 
-@pytest.mark.parametrize("overlap", ["off", "on"])
-def test_whole_engine_steps_allocate_nothing_on_the_device(overlap: str) -> None:
+@pytest.mark.parametrize("overlap,schedule", [("off", "replay"), ("on", "replay"), ("on", "full")])
+def test_whole_engine_steps_allocate_nothing_on_the_device(overlap: str, schedule: str) -> None:
     """Issue 5's invariant for serving, not only the forward: 1,000 whole Engine.step() calls
     (schedule, plan, graph replay, the sampling kernel through SamplerBuffers, token bookkeeping)
-    of a sampled decode batch leave torch's device allocation counters where they were."""
+    of a sampled decode batch leave torch's device allocation counters where they were. In
+    overlap mode the input tokens come from the sampling kernel's output on the device: copied
+    whole in a steady replay, and row by row (index_select and index_copy_ into planned buffers)
+    when the scheduler's full pass plans every step ("full")."""
     from lockstep.runtime.config import EngineConfig
     from lockstep.runtime.engine import Engine
     from lockstep.runtime.loader import load_model
@@ -95,6 +98,8 @@ def test_whole_engine_steps_allocate_nothing_on_the_device(overlap: str) -> None
                     EngineConfig(backend="triton", device="cuda", kv_memory_bytes=1 << 30, max_num_seqs=8,
                                  calibrate="off", overlap=overlap))
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=1100, ignore_eos=True)
+    if schedule == "full":
+        engine.scheduler._steady_after = lambda *args: None
     seqs = [engine.add_request(list(range(100 + i, 130 + i)), params) for i in range(5)]
     for _ in range(20):  # prefill and warm-up
         engine.step()

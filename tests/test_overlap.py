@@ -14,6 +14,7 @@ overlap shifts.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -194,3 +195,76 @@ def test_overlap_still_ends_every_request_once_when_a_step_raises(make_engine) -
     assert not engine.seqs and engine.kv.allocator.num_sequences() == 0 and not engine.has_work()
     again = engine.generate([PROMPTS[3]], SamplingParams(temperature=0.0, max_tokens=3))[0]
     assert len(again.output_ids) == 3, "the engine serves on"
+
+
+def tiny_model(tmp_path):
+    from tiny_gguf import TinySpec, write_tiny_gguf
+
+    from lockstep.runtime.loader import load_model
+    return load_model(write_tiny_gguf(tmp_path / "tiny.gguf", TinySpec(), seed=5), quiet=True)
+
+
+def test_a_sequence_preempted_with_its_token_pending_is_readmitted_from_the_cache(tmp_path) -> None:
+    """An arena of a few blocks and two requests with one prompt: the scheduler preempts a batch
+    sequence whose sampled token is still pending, and admits it again in the same schedule from
+    the prefix cache (its twin published the blocks), so its chunk ends with the pending token.
+    Each request's output must be what it is without overlap."""
+    from lockstep.runtime.config import EngineConfig
+    from lockstep.runtime.engine import Engine
+
+    model = tiny_model(tmp_path)
+    runs, readmitted = {}, []
+    for overlap in ("off", "on"):
+        engine = Engine(model, EngineConfig(backend="torch", overlap=overlap, kv_memory_bytes=20 << 10, block_size=4,
+                                            calibrate="off"))
+        admit = engine.scheduler._admit
+
+        def watched(seq, step, admit=admit, overlap=overlap):
+            if overlap == "on" and seq.num_pending:
+                readmitted.append(seq.seq_id)
+            return admit(seq, step)
+        engine.scheduler._admit = watched
+        batch = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, latency_class="batch")
+        seqs = [engine.add_request(list(range(40, 49)), batch), engine.add_request(list(range(40, 49)), batch),
+                engine.add_request([100, 101, 102], replace(batch, latency_class="interactive"))]
+        outs = {s.seq_id: [] for s in seqs}
+        while engine.has_work():
+            for out in engine.step():
+                outs[out.seq_id].append((out.token_id, out.finish_reason))
+        runs[overlap] = outs
+        assert engine.last_error is None, engine.last_error
+    assert readmitted, "no sequence was admitted again with its token pending: the test lost its case"
+    assert runs["on"] == runs["off"]
+    assert all(len(o) == 12 and o[-1][1] is FinishReason.LENGTH for o in runs["on"].values()), runs["on"]
+
+
+def test_a_failed_step_still_gives_the_tokens_sampled_before_it(tmp_path) -> None:
+    """A step that raises before its forward (here: while gathering its inputs) in overlap mode,
+    with tokens of the step before still pending, one of them a request's last: fail_step takes
+    them in and makes their outputs, so each request ends as it does without overlap (the
+    finished one with its last token and LENGTH, the other with an error), exactly once."""
+    from lockstep.runtime.config import EngineConfig
+    from lockstep.runtime.engine import Engine
+
+    model = tiny_model(tmp_path)
+    runs = {}
+    for overlap in ("off", "on"):
+        engine = Engine(model, EngineConfig(backend="torch", overlap=overlap, kv_memory_bytes=1 << 20, calibrate="off"))
+        seqs = [engine.add_request([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)),
+                engine.add_request([8, 9, 10], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))]
+        outputs = []
+        for _ in range(3):
+            outputs += engine.step()
+
+        def broken(step):
+            raise RuntimeError("gather bug")
+        engine._gather = broken
+        try:
+            outputs += engine.step()
+        except RuntimeError:
+            outputs += engine.fail_step("RuntimeError: gather bug")
+        runs[overlap] = [[(o.token_id, o.finish_reason) for o in outputs if o.seq_id == s.seq_id] for s in seqs]
+        assert not engine.seqs and engine.kv.allocator.num_sequences() == 0
+    off = runs["off"]
+    assert off[0][-1][1] is FinishReason.LENGTH and off[1][-1][1] is FinishReason.ERROR, off
+    assert runs["on"] == off
