@@ -96,8 +96,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="do not keep a prefill-only sequence's last logits; commit computes its last token "
                         "again (saves --max-num-seqs rows of the vocabulary in float32)")
     g.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
-                   help="make a step's token outputs while the device runs the next step; auto: on CUDA, where "
-                        "the forward runs asynchronously (on the CPU it would hold each token back a step)")
+                   help="launch each step before taking in the step before's tokens, and take them in and make "
+                        "their outputs while the device runs it; auto: on CUDA, where the forward runs "
+                        "asynchronously (on the CPU it would hold each token back a step)")
     g.add_argument("--calibrate", dest="calibrate", action="store_const", const="measure", default="auto",
                    help="time every step program at start-up, even if this machine has a cached cost table")
     g.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")

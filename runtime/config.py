@@ -97,9 +97,10 @@ class EngineConfig:
     # Scale the cost table's predictions by what steps really take (runtime/cost_model.py's
     # CostModel), so latency targets hold as the machine drifts from the table.
     cost_correction: bool = True
-    # Make a step's token outputs (text, stop strings, delivery) while the device runs the next
-    # step: "auto" does where the forward runs asynchronously (CUDA); "on" forces it (tests);
-    # "off" makes them before the step returns. Outputs are the same either way.
+    # Launch each step before taking in the step before's sampled tokens (they are its input on
+    # the device), then take them in and make their outputs (text, stop strings, delivery) while
+    # it runs: "auto" does where the forward runs asynchronously (CUDA); "on" forces it (tests);
+    # "off" takes them in and makes them before the step returns. Outputs are the same either way.
     overlap: str = "auto"
     # On CUDA, capture each decode bucket once as a CUDA graph and replay it.
     cuda_graphs: bool = True

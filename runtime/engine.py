@@ -252,7 +252,7 @@ class Engine:
         self._early_outputs: list[SeqOutput] = []  # made between steps, for the next step()
         self._last_batch: _StepBatch | None = None  # the latest plain decode batch, for a steady replay
         log.info("engine: %s backend on %s%s", self.backend, self.device,
-                 ", outputs made while the device runs the next step (overlap)" if self.overlap else "")
+                 ", each step launched before the step before's tokens are taken in (overlap)" if self.overlap else "")
         log.info("engine: %d KV blocks of %d tokens (%d tokens), max_model_len %d, %d torch threads",
                  self.kv.num_blocks, self.kv.block_size, self.kv.capacity_tokens, self.max_model_len,
                  torch.get_num_threads())
