@@ -376,10 +376,10 @@ std::pair<BlockAllocator::Handle, std::int64_t> new_sequence_cached(BlockAllocat
 }
 
 void publish(BlockAllocator& a, BlockAllocator::Handle h, const py::object& tokens_obj,
-             std::int64_t num_computed) {
+             std::int64_t num_computed, std::int64_t first) {
   const py::array tokens =
       array_arg("tokens", tokens_obj, py::dtype::of<std::int64_t>(), "int64", 1);
-  a.publish(h, static_cast<const std::int64_t*>(tokens.data()), tokens.shape(0), num_computed);
+  a.publish(h, static_cast<const std::int64_t*>(tokens.data()), tokens.shape(0), num_computed, first);
 }
 
 std::pair<std::int64_t, std::vector<BlockAllocator::Copy>> append_one_each(
@@ -488,11 +488,15 @@ matches tokens (numpy int64 [n]), at most (n - 1) // block_size blocks, so at le
 token is left to compute. cached_tokens is a multiple of block_size; the caller appends the
 rest. Without the prefix cache: (new_sequence(), 0).
 )doc")
-      .def("publish", &publish, py::arg("h"), py::arg("tokens"), py::arg("num_computed"), R"doc(
+      .def("publish", &publish, py::arg("h"), py::arg("tokens"), py::arg("num_computed"), py::arg("first") = 0,
+           R"doc(
 Registers h's full blocks that lie within its first num_computed tokens (their KV written)
-for later requests to adopt; tokens: numpy int64, h's tokens (at least num_computed of them).
-A block whose tokens and parent another block already holds stays unshared. Cheap to repeat:
-only blocks not yet published are looked at. Does nothing without the prefix cache.
+for later requests to adopt; tokens: numpy int64, h's tokens from token `first` on (up to at
+least num_computed). Publishing each block as it completes, pass the tokens from the first
+block not yet published: a block before `first` that is not published yet cannot be keyed,
+and neither it nor any after it is registered. A block whose tokens and parent another block
+already holds stays unshared. Cheap to repeat: only blocks not yet published are looked at.
+Does nothing without the prefix cache.
 )doc")
       .def("clear_prefix_cache", &BlockAllocator::clear_prefix_cache,
            "Unregisters every cached block; those no sequence holds return to the free list.")

@@ -253,13 +253,15 @@ std::pair<BlockAllocator::Handle, std::int64_t> BlockAllocator::new_sequence_cac
 }
 
 void BlockAllocator::publish(Handle h, const std::int64_t* tokens, std::int64_t n,
-                             std::int64_t num_computed) {
+                             std::int64_t num_computed, std::int64_t first) {
   Sequence& s = lookup(h);
   check_count("num_computed", num_computed);
-  if (num_computed > s.tokens || num_computed > n) {
+  check_count("first", first);
+  if (num_computed > s.tokens || num_computed > first + n) {
     throw std::invalid_argument("num_computed=" + std::to_string(num_computed) +
                                 " is beyond the sequence length " + std::to_string(s.tokens) +
-                                " or the " + std::to_string(n) + " tokens given");
+                                " or the " + std::to_string(n) + " tokens given from token " +
+                                std::to_string(first));
   }
   const std::int64_t full = num_computed / block_size_;
   if (!prefix_cache_ || full <= s.published) return;
@@ -270,8 +272,9 @@ void BlockAllocator::publish(Handle h, const std::int64_t* tokens, std::int64_t 
   for (std::int64_t d = full - 1; d >= s.published; --d, node = prev_[node]) scratch_.push_back(node);
   for (auto it = scratch_.rbegin(); it != scratch_.rend(); ++it) {
     const Block parent = prev_[*it];
-    if (index_.contains(*it) || (parent != kNone && !index_.contains(parent))) continue;
-    index_.insert(parent, tokens + depth_[*it] * block_size_, *it);  // a taken key: not shared
+    const std::int64_t at = depth_[*it] * block_size_ - first;  // its first token in tokens[]
+    if (at < 0 || index_.contains(*it) || (parent != kNone && !index_.contains(parent))) continue;
+    index_.insert(parent, tokens + at, *it);  // a taken key: not shared
   }
   s.published = full;
 }

@@ -103,10 +103,14 @@ class BlockAllocator {
   // handle and the tokens it holds (a multiple of block_size; 0 without the prefix cache).
   std::pair<Handle, std::int64_t> new_sequence_cached(const std::int64_t* tokens, std::int64_t n);
 
-  // Registers h's full blocks within its first num_computed tokens (tokens[0, n) are h's
-  // tokens; num_computed <= n and <= num_tokens(h)) in the prefix index, skipping any whose
-  // key another block already holds. O(blocks not yet published). No-op without the cache.
-  void publish(Handle h, const std::int64_t* tokens, std::int64_t n, std::int64_t num_computed);
+  // Registers h's full blocks within its first num_computed tokens in the prefix index,
+  // skipping any whose key another block already holds. tokens[0, n) are h's tokens from token
+  // `first` on (num_computed <= first + n and <= num_tokens(h)): a caller that publishes each
+  // block as it completes passes only the tokens since the last one, not the whole context. A
+  // block that starts before `first` and is not yet published cannot be keyed, so neither it
+  // nor any block after it is registered. O(blocks not yet published). No-op without the cache.
+  void publish(Handle h, const std::int64_t* tokens, std::int64_t n, std::int64_t num_computed,
+               std::int64_t first = 0);
 
   // Unregisters every block; the evictable ones go back to the free list.
   void clear_prefix_cache();

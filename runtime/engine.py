@@ -809,7 +809,10 @@ class Engine:
             before = seq.num_computed
             done = seq.num_computed = before + item.num_tokens
             if bs and done // bs > before // bs:
-                self.kv.allocator.publish(seq.handle, np.asarray(seq.token_ids[:done], np.int64), done)
+                # Only the tokens since the last full block: the ones before are published already,
+                # and converting the whole context would cost O(context) per block.
+                first = before // bs * bs
+                self.kv.allocator.publish(seq.handle, np.asarray(seq.token_ids[first:done], np.int64), done, first)
 
     def _record_prompt_logprobs(self, logits: torch.Tensor,
                                 prompt_lp: list[tuple[Sequence, int, int, int]]) -> None:

@@ -140,14 +140,16 @@ class ModelAllocator:
         self.add(h, table, len(table) * self.block_size, len(table))
         return len(table) * self.block_size
 
-    def publish(self, h: int, tokens: list[int], num_computed: int) -> None:
+    def publish(self, h: int, tokens: list[int], num_computed: int, first: int = 0) -> None:
+        """tokens: all of h's; `first`: the allocator is given only those from there on, so a
+        block starting before it cannot be keyed (nor, without its parent, any after it)."""
         if not self.prefix_cache:
             return
         table, full = self.tables[h], num_computed // self.block_size
         for i in range(self.published[h], full):
             parent = table[i - 1] if i else -1
             key = self._key(parent, tokens, i)
-            if table[i] in self.key_of or (parent != -1 and parent not in self.key_of) or key in self.index:
+            if i * self.block_size < first or table[i] in self.key_of or (parent != -1 and parent not in self.key_of) or key in self.index:
                 continue
             self.index[key] = table[i]
             self.key_of[table[i]] = key
@@ -295,8 +297,11 @@ def random_ops(seed: int, num_ops: int, num_blocks: int, block_size: int, prefix
                 script[h] = rng.randrange(3)
         elif op == "publish":
             num_computed = rng.choice([len(tokens[h]), rng.randint(0, len(tokens[h]))])
-            a.publish(h, np.array(tokens[h], np.int64), num_computed)
-            m.publish(h, tokens[h], num_computed)
+            # The tokens from `first` on only: all, from the first block not yet published (what
+            # the engine passes), or from anywhere up to num_computed.
+            first = rng.choice([0, min(m.published[h] * block_size, num_computed), rng.randint(0, num_computed)])
+            a.publish(h, np.array(tokens[h][first:], np.int64), num_computed, first)
+            m.publish(h, tokens[h], num_computed, first)
         elif op == "clear":
             a.clear_prefix_cache()
             m.clear_prefix_cache()
@@ -825,6 +830,10 @@ def test_prefix_cache_bad_arguments() -> None:
         a.publish(h, np.arange(8, dtype=np.int64), 7)
     with pytest.raises(ValueError, match="num_computed=6 is beyond .* or the 5 tokens given"):
         a.publish(h, tokens[:5], 6)
+    with pytest.raises(ValueError, match="num_computed=6 is beyond .* or the 3 tokens given from token 2"):
+        a.publish(h, tokens[2:5], 6, first=2)
+    with pytest.raises(ValueError, match="first must be >= 0"):
+        a.publish(h, tokens, 6, first=-1)
     with pytest.raises(ValueError, match="num_computed must be >= 0"):
         a.publish(h, tokens, -1)
     with pytest.raises(ValueError, match="tokens: expected dtype int64"):

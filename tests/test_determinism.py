@@ -85,6 +85,23 @@ def test_prefill_chunk_16_and_256(make_engine, alone, case: str) -> None:
         assert run_alone(engine, PROMPTS[4], CASES[case]) == alone[case], f"prefill chunk {chunk}"
 
 
+
+def test_generated_blocks_are_cached_for_the_next_turn(make_engine) -> None:
+    """The blocks a decode fills are published as they complete (each with only the tokens since
+    the last one, Engine._advance): a next turn whose prompt is the first turn's prompt and
+    answer finds every full block of both cached, and answers as it does on a cold engine."""
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    engine = make_engine(prefix_cache=True)
+    first = engine.generate([PROMPTS[4]], params)[0]
+    turn = first.prompt_ids + first.output_ids + engine.tokenizer.encode(" Next,", add_bos=False)
+    hits = engine.kv.allocator.prefix_hits()
+    warm = engine.generate([turn], params)[0]
+    bs = engine.kv.block_size
+    assert engine.kv.allocator.prefix_hits() - hits == (len(first.prompt_ids) + len(first.output_ids) - 1) // bs * bs
+    cold = make_engine(prefix_cache=False).generate([turn], params)[0]
+    assert warm.output_ids == cold.output_ids and warm.logprobs == cold.logprobs
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_prefix_cache_cold_and_warm(make_engine, alone, case: str) -> None:
     engine = make_engine(prefix_cache=True)
