@@ -48,6 +48,11 @@ class IncrementalDetokenizer:
     the last complete character (after flush(), all of it). Concatenated deltas always equal it.
     Without prompt context it equals tokenizer.decode(outputs) at character boundaries; with
     context, a first token's leading space is kept (SentencePiece), as in prompt + completion.
+
+    The text is kept as its pieces, joined when `text` is read: appending to one string copies
+    it, O(length) a token, which an output of tens of thousands of tokens makes the largest
+    cost of a step. What a step reads is the end of the text (tail(): what is not yet sent, or
+    where a stop string may complete), at the cost of its own length.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
@@ -62,7 +67,8 @@ class IncrementalDetokenizer:
         self._num_context = len(context)
         self._prefix = 0
         self._read = len(context)
-        self.text = ""
+        self._pieces: list[str] = []
+        self.length = 0  # of text
         # State after each output token: (prefix, read, len(text)), so truncate() needs no decode
         # of the whole output.
         self._checkpoints: list[tuple[int, int, int]] = []
@@ -78,7 +84,8 @@ class IncrementalDetokenizer:
         delta = self._step_stream(token_id) if self._stream is not None else self._step_window()
         if delta:
             self._prefix, self._read = self._read, len(self._ids)
-            self.text += delta
+            self._pieces.append(delta)
+            self.length += len(delta)
             if self._stream is None:
                 self._restart_stream()
         elif len(self._ids) - self._read > MOST_HELD_TOKENS:
@@ -86,8 +93,29 @@ class IncrementalDetokenizer:
             # (a run of stray UTF-8 bytes): let it out as U+FFFD. Held, it would grow the window
             # every push decodes, making each token cost more than the last.
             delta = self.flush()
-        self._checkpoints.append((self._prefix, self._read, len(self.text)))
+        self._checkpoints.append((self._prefix, self._read, self.length))
         return delta
+
+    @property
+    def text(self) -> str:
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def tail(self, start: int) -> str:
+        """text[start:], reading only the pieces it spans."""
+        pieces, at = self._pieces, self.length
+        i = len(pieces)
+        while i and at > start:
+            i -= 1
+            at -= len(pieces[i])
+        if i == len(pieces):
+            return ""
+        return "".join(pieces[i:])[start - at:]
+
+    def cut(self, length: int) -> None:
+        """Ends the text at `length` (a stop string found there): nothing after it is shown."""
+        self._pieces, self.length = [self.text[:length]], length
 
     def flush(self) -> str:
         """Returns all text still held back (an incomplete character shows as U+FFFD)."""
@@ -96,7 +124,8 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         delta = self._decode(self._ids[self._prefix:])[len(prefix_text):]
         self._prefix, self._read = self._read, len(self._ids)
-        self.text += delta
+        self._pieces.append(delta)
+        self.length += len(delta)
         self._restart_stream()
         # Checkpoints stay as pushes left them: truncate() then forgets the flush, as if it never was.
         return delta
@@ -111,7 +140,7 @@ class IncrementalDetokenizer:
             self._prefix, self._read, length = self._checkpoints[-1]
         else:
             self._prefix, self._read, length = 0, self._num_context, 0
-        self.text = self.text[:length]
+        self.cut(length)
         self._restart_stream()
         if self._stream is not None:
             # Tokens after the last emission are held in the window; stepping them again returns
@@ -125,6 +154,7 @@ class IncrementalDetokenizer:
         twin = object.__new__(IncrementalDetokenizer)
         twin.__dict__.update(self.__dict__)
         twin._ids = list(self._ids)
+        twin._pieces = list(self._pieces)
         twin._checkpoints = list(self._checkpoints)
         twin._stream = copy.copy(self._stream)
         return twin

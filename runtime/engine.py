@@ -404,7 +404,7 @@ class Engine:
         if seq.output_ids:
             # Output text must not run on into what comes after the new input: emit any
             # character still pending in the detokenizer now.
-            seq.text += seq.detok.flush()
+            seq.detok.flush()
         seq.token_ids.extend(ids)
 
     def commit(self, seq_id: int, params: SamplingParams | None = None) -> None:
@@ -437,8 +437,7 @@ class Engine:
         seq.outputs_at_commit = min(seq.outputs_at_commit, kept)
         seq.num_prompt_tokens = min(seq.num_prompt_tokens, num_tokens)
         seq.detok.truncate(kept)
-        seq.text = seq.detok.text
-        seq.num_chars_sent = min(seq.num_chars_sent, len(seq.text))
+        seq.num_chars_sent = min(seq.num_chars_sent, seq.detok.length)
         seq.num_computed = min(seq.num_computed, num_tokens)
         if seq.handle is not None:
             self.kv.allocator.truncate(seq.handle, seq.num_computed)
@@ -876,27 +875,28 @@ class Engine:
         if ended is FinishReason.STOP:
             return self._final_output(seq, out)  # the stop token's own text is not part of the answer
         stops = seq.params.stop
-        before = len(seq.text)
-        text = seq.text = seq.text + seq.detok.push(token)
+        detok = seq.detok  # the text's owner (seq.text): it keeps it in pieces, read at the end
+        before = detok.length
+        piece = detok.push(token)
         if stops:
-            cut = self._find_stop_string(text, before, stops)
+            cut = self._find_stop_string(detok, before, stops)
             if cut is not None:
-                seq.text = text[:cut]
+                detok.cut(cut)
                 if ended is None:
                     self._end(seq, FinishReason.STOP)
                 else:  # the token that reached max_tokens also completed a stop string: a stop
                     seq.finish_reason = self._finished[seq.seq_id] = FinishReason.STOP
                 return self._final_output(seq, out)
         if ended is not None:
-            seq.text += seq.detok.flush()
+            detok.flush()
             return self._final_output(seq, out)
         if stops:
             out.text = self._streamable(seq)
         else:  # _streamable without a stop string to hold back for: all text not yet sent
-            sent = seq.num_chars_sent
-            if sent < len(text):
-                out.text = text[sent:]
-                seq.num_chars_sent = len(text)
+            sent, length = seq.num_chars_sent, detok.length
+            if sent < length:
+                out.text = piece if sent == before else detok.tail(sent)
+                seq.num_chars_sent = length
         return out
 
     def _flush(self, outputs: list[SeqOutput]) -> None:
@@ -922,25 +922,28 @@ class Engine:
         self._flush(self._early_outputs)
 
     @staticmethod
-    def _find_stop_string(text: str, new_from: int, stops: list[str]) -> int | None:
-        """Where the earliest stop string starts, looking only where new text could complete one."""
+    def _find_stop_string(detok: IncrementalDetokenizer, new_from: int, stops: list[str]) -> int | None:
+        """Where in the text the earliest stop string starts, looking only where text new from
+        `new_from` on could complete one (the text's tail, not all of it)."""
+        start = max(0, new_from - max(map(len, stops)) + 1)
+        tail = detok.tail(start)
         hits = []
         for stop in stops:
-            i = text.find(stop, max(0, new_from - len(stop) + 1))
+            i = tail.find(stop, max(0, new_from - len(stop) + 1) - start)
             if i >= 0:
-                hits.append(i)
+                hits.append(start + i)
         return min(hits) if hits else None
 
     def _streamable(self, seq: Sequence) -> str:
         # Hold back a tail that might still grow into a stop string, so it is never sent.
         stops = seq.params.stop
         hold = max(map(len, stops)) - 1 if stops else 0
-        end = len(seq.text) if seq.finished else len(seq.text) - hold
-        if end <= seq.num_chars_sent:
+        length, sent = seq.detok.length, seq.num_chars_sent
+        end = length if seq.finished else length - hold
+        if end <= sent:
             return ""
-        chunk = seq.text[seq.num_chars_sent:end]
         seq.num_chars_sent = end
-        return chunk
+        return seq.detok.tail(sent)[:end - sent]
 
     def _finish(self, seq: Sequence, reason: FinishReason, out: SeqOutput | None = None,
                 error: str | None = None) -> SeqOutput:

@@ -50,7 +50,6 @@ class Sequence:
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     outputs_at_commit: int = 0  # max_tokens counts from here
-    text: str = ""  # output text so far, cut at a stop string
     num_chars_sent: int = 0
     finish_reason: FinishReason | None = None
     cancel_requested: bool = False
@@ -61,6 +60,11 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
+
+    @property
+    def text(self) -> str:
+        """Output text so far, cut at a stop string (the detokenizer keeps it)."""
+        return self.detok.text
 
     @property
     def num_tokens(self) -> int:
