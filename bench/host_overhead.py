@@ -26,35 +26,39 @@ grows with context: step_planner.json has 64 sequences at 4096 tokens). A second
 the default model's (49152), since the CPU sampler's cost grows with both batch and vocabulary.
 
 What it measured (bench/results/host_overhead.json; one torch thread, 200 steps per batch) on a
-slow machine, 2.5-3x slower at every part than the fastest one seen (in brackets: that one's
-figures, from the round that built the first overlap):
+shared machine whose speed changes by 2x between runs minutes apart (in brackets: the slow run
+just before, then the fastest machine seen, from the round that built the first overlap):
 - on a device that runs steps asynchronously (SimulatedDevice: a GPU's queue, 1 ms steps), with
   the server's whole loop (AsyncEngine._run) and the metrics and the request log as observers,
   the device waits 0 us per decode step of 64 for the host with overlap on (the runtime's
-  default on CUDA): the next step is launched before the host takes in the step's tokens, so
-  the host's step (432-642 us here, launch to launch less its waits for tokens) runs while the
-  device does. That holds for the steady replay, for batch work held to an interactive
-  stream's target, and for the scheduler's full pass every step (sequences coming and going, or
-  a prompt prefilled beside the decodes). Without overlap the device waits 413 us [159 us]. At
-  250 us device steps the host's step is the longer, and the device waits 46, 282 and 394 us in
-  those three modes. Before overlap launched ahead, the device waited from a step's tokens to
-  the next launch: 120, 134 and 219 us in those modes at 1 ms steps on a machine as slow [41 us
+  default on CUDA) [0 us]: the next step is launched before the host takes in the step's
+  tokens, so the host's step (338-421 us, launch to launch less its waits for tokens
+  [432-642 us]) runs while the device does. That holds for the steady replay, for batch work
+  held to an interactive stream's target, and for the scheduler's full pass every step
+  (sequences coming and going, or a prompt prefilled beside the decodes). Without overlap the
+  device waits 340 us [413 us; 159 us]. At 250 us device steps the host's step is about as long
+  as the device's, and the device waits 5, 11 and 84 us in those three modes [46, 282, 394 us].
+  Before overlap launched ahead, the device waited from a step's tokens to the next launch:
+  120, 134 and 219 us in those modes at 1 ms steps on a machine as slow as the slow run [41 us
   with the replay, 93 us with the full pass];
-- the step's planning (schedule, gather, inputs, plan) takes 46 us at batch 64 in a replay,
-  the C++ step planner 6.9 us of it [3 us], ProgramRunner.plan around it 15.6 us [5 us];
+- the step's planning (schedule, gather, inputs, plan) takes 18 us at batch 64 in a replay
+  [46 us], the C++ step planner 3.4 us of it [6.9 us; 3 us];
 - the whole host step of 64 without overlap (the CPU's mode: its forward is synchronous, so
-  overlap would only hold each token back a step) takes 0.56 ms [0.22 ms]; the parts after the
-  forward are most of it: per-token bookkeeping, stop checks and outputs 0.28 ms, the sampler
-  0.15 ms (greedy at a vocabulary of 1024: the chosen tokens' logprobs, an exp per logit, and
-  the columns built from Python; on a GPU that is device work), the detokenizer 0.15 ms;
-- the default model's tokenizer on real text: 1.21 us a token through DecodeStream [0.83 us],
-  2.31 us through the window path (two decodes from Python) it falls back to;
-- sampling at the default model's vocabulary (49152, random logits): greedy 110 us for one row
-  and 35 us a row at batch 64; temperature 0.8 / top_p 0.9 0.65 ms for one row and 0.25 ms a
-  row at batch 64 [0.19 ms] (random logits keep most of the vocabulary; the sort-based sampler
-  before it took 4.1 ms a row);
-- a server's observers (the metrics and the request log) take 38 us [20 us] on a step of 64
-  tokens, in one call a step; in overlap mode that call is made while the device runs.
+  overlap would only hold each token back a step) takes 0.26 ms [0.56 ms; 0.22 ms]; the parts
+  after the forward are most of it: per-token bookkeeping, stop checks and outputs 0.12 ms,
+  the sampler 0.08 ms (greedy at a vocabulary of 1024: the chosen tokens' logprobs, an exp per
+  logit, and the columns built from Python; on a GPU that is device work), the detokenizer
+  0.07 ms;
+- Engine._emit (a committed token's output) takes 1.58-1.59 us a token at 1,000, 8,000 and
+  32,000 output tokens: the text is kept in pieces, so a token's work does not grow with it;
+- the default model's tokenizer on real text: 0.90 us a token through DecodeStream [1.21 us;
+  0.83 us], 2.07 us through the window path (two decodes from Python) it falls back to;
+- sampling at the default model's vocabulary (49152, random logits): greedy 61 us for one row
+  and 26 us a row at batch 64; temperature 0.8 / top_p 0.9 0.46 ms for one row and 0.21 ms a
+  row at batch 64 (random logits keep most of the vocabulary; the sort-based sampler before it
+  took 4.1 ms a row);
+- a server's observers (the metrics and the request log) take 26 us [38 us; 20 us] on a step of
+  64 tokens, in one call a step; in overlap mode that call is made while the device runs.
 The machine is shared: back-to-back runs vary by up to 1.5x at batch 64, every part slower
 by the same factor in the slow ones.
 On CUDA the engine samples with kernels/sampling.py (sample_with_kernel) instead of the C++
@@ -68,6 +72,7 @@ scheduler, detokenizer and bookkeeping above are the same there.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import sys
@@ -288,6 +293,32 @@ def time_detokenizer(tokenizer, repeats: int) -> dict:
                 raise RuntimeError(f"the {name} path's text differs from a whole decode")
         result[f"{name}_us_per_token"] = statistics.median(times)
     return result
+
+
+def time_emit_by_length(engine: Engine, lengths: tuple[int, ...], repeats: int) -> list[dict]:
+    """Engine._emit per token (a committed token's output: its text, the detokenizer, the
+    SeqOutput) as one sequence's output grows to each of `lengths` tokens: the per-token output
+    work must not grow with the output (a copy of the whole text a token would). The tokens are
+    synthetic:tiny's printable ASCII bytes, one character each."""
+    seq = engine.add_request([65] * 8, SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None))
+    tokens = itertools.cycle(range(PRINTABLE_ASCII.start, PRINTABLE_ASCII.stop))
+
+    def emit() -> int:
+        token = next(tokens)
+        seq.output_ids.append(token)
+        seq.token_ids.append(token)
+        start = time.perf_counter_ns()
+        engine._emit(seq, token, -1.0, [], None)
+        return time.perf_counter_ns() - start
+    rows = []
+    for length in lengths:
+        while len(seq.output_ids) < length:
+            emit()
+        times = [emit() / 1e3 for _ in range(repeats)]
+        rows.append({"output_tokens": length, "text_chars": len(seq.text), "us_per_token": statistics.median(times)})
+    engine.cancel(seq.seq_id)
+    engine.step()
+    return rows
 
 
 def time_observers(engine: Engine, batch: int, repeats: int) -> dict:
@@ -512,9 +543,11 @@ def main() -> int:
     if dry:
         detok, detok_model = time_detokenizer(engine.tokenizer, 1), MODEL
         observers = time_observers(engine, 4, 5)
+        emit_rows = time_emit_by_length(engine, (100, 400), 20)
     else:
         detok, detok_model = time_detokenizer(load_model(None, quiet=True).tokenizer, 20), "the default model"
         observers = time_observers(engine, 64, 2000)
+        emit_rows = time_emit_by_length(engine, (1000, 8000, 32000), 2000)
     idle = [time_device_idle(batches[-1], us, overlap, schedule, warmup, steps)
             for us in device_steps_us
             for overlap, schedule in (("off", "replay"), ("on", "replay"), ("on", "held"), ("on", "full"))]
@@ -542,6 +575,8 @@ def main() -> int:
     print(f"IncrementalDetokenizer.push alone: {detok_model}'s tokenizer, {detok['tokens']} tokens of real text")
     print(f"  DecodeStream path {detok['stream_us_per_token']:.2f} us/token; window path (two decodes from "
           f"Python) {detok['window_us_per_token']:.2f} us/token")
+    print("Engine._emit per token as one output grows: " + ", ".join(
+        f"{r['output_tokens']} tokens {r['us_per_token']:.2f} us" for r in emit_rows))
     print(f"A server's observers (metrics and request log) on a step of {observers['batch']} tokens: "
           f"{observers['median_us']:.1f} us median (AsyncEngine._dispatch)")
     print()
@@ -570,6 +605,7 @@ def main() -> int:
         "sampling": sampling,
         "detokenizer": {"tokenizer": detok_model, **detok},
         "observers": observers,
+        "emit_by_output_length": emit_rows,
         "device_idle": idle,
     }
     if not dry:
