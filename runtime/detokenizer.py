@@ -39,6 +39,7 @@ _CONTEXT_TOKENS = 5
 _REPLACEMENT = "\ufffd"
 # Tokens held back at most: a UTF-8 character is at most 4 bytes, so at most 4 byte tokens.
 MOST_HELD_TOKENS = 8
+MOST_PIECES = 256  # text pieces kept apart before they are joined into one
 
 
 class IncrementalDetokenizer:
@@ -49,10 +50,12 @@ class IncrementalDetokenizer:
     Without prompt context it equals tokenizer.decode(outputs) at character boundaries; with
     context, a first token's leading space is kept (SentencePiece), as in prompt + completion.
 
-    The text is kept as its pieces, joined when `text` is read: appending to one string copies
-    it, O(length) a token, which an output of tens of thousands of tokens makes the largest
-    cost of a step. What a step reads is the end of the text (tail(): what is not yet sent, or
-    where a stop string may complete), at the cost of its own length.
+    The text is kept as its pieces, joined when `text` is read or MOST_PIECES have gathered:
+    appending to one string copies it, O(length) a token, which an output of tens of thousands
+    of tokens makes the largest cost of a step; joining every MOST_PIECES tokens is that copy
+    once per MOST_PIECES, and bounds the pieces' memory. What a step reads is the end of the
+    text (tail(): what is not yet sent, or where a stop string may complete), at the cost of
+    that end's length.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
@@ -84,8 +87,7 @@ class IncrementalDetokenizer:
         delta = self._step_stream(token_id) if self._stream is not None else self._step_window()
         if delta:
             self._prefix, self._read = self._read, len(self._ids)
-            self._pieces.append(delta)
-            self.length += len(delta)
+            self._append(delta)
             if self._stream is None:
                 self._restart_stream()
         elif len(self._ids) - self._read > MOST_HELD_TOKENS:
@@ -96,6 +98,13 @@ class IncrementalDetokenizer:
         self._checkpoints.append((self._prefix, self._read, self.length))
         return delta
 
+    def _append(self, delta: str) -> None:
+        pieces = self._pieces
+        pieces.append(delta)
+        self.length += len(delta)
+        if len(pieces) > MOST_PIECES:
+            self._pieces = ["".join(pieces)]
+
     @property
     def text(self) -> str:
         if len(self._pieces) > 1:
@@ -103,7 +112,7 @@ class IncrementalDetokenizer:
         return self._pieces[0] if self._pieces else ""
 
     def tail(self, start: int) -> str:
-        """text[start:], reading only the pieces it spans."""
+        """text[start:], reading only the pieces it spans (of the first, only its end)."""
         pieces, at = self._pieces, self.length
         i = len(pieces)
         while i and at > start:
@@ -111,7 +120,8 @@ class IncrementalDetokenizer:
             at -= len(pieces[i])
         if i == len(pieces):
             return ""
-        return "".join(pieces[i:])[start - at:]
+        first = pieces[i][start - at:]
+        return first if i + 1 == len(pieces) else first + "".join(pieces[i + 1:])
 
     def cut(self, length: int) -> None:
         """Ends the text at `length` (a stop string found there): nothing after it is shown."""
@@ -124,8 +134,7 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         delta = self._decode(self._ids[self._prefix:])[len(prefix_text):]
         self._prefix, self._read = self._read, len(self._ids)
-        self._pieces.append(delta)
-        self.length += len(delta)
+        self._append(delta)
         self._restart_stream()
         # Checkpoints stay as pushes left them: truncate() then forgets the flush, as if it never was.
         return delta

@@ -258,3 +258,20 @@ def test_stray_bytes_come_out_as_replacement_characters_at_a_bounded_cost(tok: T
     assert max(counting.sizes) <= 2 * (MOST_HELD_TOKENS + 1), f"a decode saw {max(counting.sizes)} tokens"
     detok.truncate(150)
     assert detok.text == "".join(deltas[:150]) and detok.push(tok.encode("a")[0]).endswith("a")
+
+
+def test_the_text_end_reads_right_across_joins_of_its_pieces(tok: Tokenizer) -> None:
+    """A long output: the text's pieces are joined every MOST_PIECES, and tail() (what a step
+    reads) must give the text's end whether it lies in the joined part, across it, or after."""
+    from lockstep.runtime.detokenizer import MOST_PIECES
+
+    rng = random.Random(4)
+    ids = tok.encode(" ".join(MULTIBYTE_TEXTS) * 6)
+    assert len(ids) > 2 * MOST_PIECES
+    detok, whole = IncrementalDetokenizer(tok, []), ""
+    for token in ids:
+        whole += detok.push(token)
+        assert detok.length == len(whole) and len(detok._pieces) <= MOST_PIECES
+        for start in (len(whole) - rng.randint(0, 40), rng.randint(0, len(whole)), 0):
+            assert detok.tail(max(0, start)) == whole[max(0, start):]
+    assert detok.text + detok.flush() == tok.decode(ids)
