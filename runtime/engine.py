@@ -77,8 +77,9 @@ _FINISHED = SeqStatus.FINISHED
 # token itself ended the sequence, if it did). Engine._commit_tokens makes one, Engine._emit reads it.
 _Committed = tuple[Sequence, int, float, list[tuple[int, float]], FinishReason | None]
 # A step's sampling whose tokens the host has not taken in yet (overlap mode): the sequences, in
-# the result's row order, and the result (runtime/sampler.py; `ready()` waits for its tokens).
-_Pending = tuple[list[Sequence], SampleResult | DeferredSample]
+# the result's row order, the result (runtime/sampler.py; `ready()` waits for its tokens), the
+# step, and when its launch began (for its time on the device: Engine._resolve).
+_Pending = tuple[list[Sequence], SampleResult | DeferredSample, ScheduledStep, float]
 
 
 class CancelStatus(str, Enum):
@@ -248,6 +249,15 @@ class Engine:
         # (CUDA) does that hide anything; on the CPU it would hold each token back by a step.
         self.overlap = self.config.overlap == "on" or (self.config.overlap == "auto" and self.device.type == "cuda")
         self._pending: _Pending | None = None  # sampled, not yet taken in (overlap mode, _resolve)
+        # What the cost model hears in overlap mode on an asynchronous device. A step's wall time
+        # there is the previous step's device time (the wait is for its tokens), so a step is
+        # timed instead from its launch, or the previous step's tokens if they came later (the
+        # device was still busy), to its own tokens: D(k) = ready(k) - max(launch(k), ready(k-1)).
+        # A step that samples nothing is never waited for, so the one after it goes untimed.
+        self._times_on_resolve = self.overlap and self.device.type == "cuda"
+        self._last_ready = 0.0
+        self._timing_gap = False
+        self._launched_at = 0.0
         self._committed: list[_Committed] = []  # taken in, outputs not made yet (_flush)
         self._early_outputs: list[SeqOutput] = []  # made between steps, for the next step()
         self._last_batch: _StepBatch | None = None  # the latest plain decode batch, for a steady replay
@@ -531,7 +541,8 @@ class Engine:
         start = time.perf_counter()
         self._step(outputs, during_device)
         step = self.last_step
-        if step is not None and self.cost_model is not None and self.last_error_step is not step:
+        if step is not None and self.cost_model is not None and self.last_error_step is not step \
+                and not self._times_on_resolve:
             self.cost_model.observe(step.program, step.pairs, time.perf_counter() - start)
         self._step_outputs = []
         return outputs
@@ -563,6 +574,7 @@ class Engine:
             return
 
         batch = self._gather(step)
+        self._launched_at = time.perf_counter()
         try:
             logits = self._run_step(step, batch)
         except Exception as exc:  # noqa: BLE001 - one failed step must not take the engine down
@@ -570,6 +582,7 @@ class Engine:
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.last_error_step = step  # its time says nothing of the program's cost
             self._resolve()
+            self._timing_gap = True  # the device may have run part of it
             self._flush(outputs)
             outputs.extend(self._finish(item.seq, FinishReason.ERROR, error=self.last_error)
                            for item in step.items if item.seq.status is not _FINISHED)
@@ -580,6 +593,8 @@ class Engine:
             # their outputs made now, while it runs. A stop token or string found here ends a
             # sequence already in this step; its row's token is dropped (_sample skips it).
             self._resolve()
+            if not batch.to_sample:
+                self._timing_gap = True  # nothing of it is waited for: the next step's time would hold it
             self._flush(outputs)
             if during_device is not None and outputs:
                 during_device(list(outputs))
@@ -752,7 +767,7 @@ class Engine:
             result = result.ready()
             self._commit_tokens(sampled, result.token_ids, result.logprobs, result.top_logprobs)
             return
-        self._pending = (sampled, result)
+        self._pending = (sampled, result, self.last_step, self._launched_at)
         max_model_len, ending = self.max_model_len, False
         for i, seq in enumerate(sampled):
             p = seq.params
@@ -771,8 +786,13 @@ class Engine:
         if pending is None:
             return
         self._pending = None
-        seqs, result = pending
+        seqs, result, step, launched = pending
         result = result.ready()
+        if self._times_on_resolve:
+            ready = time.perf_counter()
+            if self.cost_model is not None and not self._timing_gap and step is not None:
+                self.cost_model.observe(step.program, step.pairs, ready - max(launched, self._last_ready))
+            self._last_ready, self._timing_gap = ready, False
         self._commit_tokens(seqs, result.token_ids, result.logprobs, result.top_logprobs)
 
     def _run_step(self, step: ScheduledStep, batch: _StepBatch) -> torch.Tensor:

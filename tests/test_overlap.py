@@ -268,3 +268,79 @@ def test_a_failed_step_still_gives_the_tokens_sampled_before_it(tmp_path) -> Non
     off = runs["off"]
     assert off[0][-1][1] is FinishReason.LENGTH and off[1][-1][1] is FinishReason.ERROR, off
     assert runs["on"] == off
+
+
+class _AsyncDevice:
+    """A stand-in asynchronous device for the engine (as bench/host_overhead.py's): a launch
+    returns at once, each program kind takes a fixed time once the device is free, and a
+    sampling's tokens are ready only when the device has run everything launched before them."""
+
+    SECONDS = {"decode": 0.005, "prefill": 0.025}
+
+    def __init__(self, engine) -> None:
+        import torch
+
+        self.free_at = 0.0
+        self.logits = torch.randn(engine.ladder.largest_rows, engine.model_config.vocab_size,
+                                  generator=torch.Generator().manual_seed(0))
+
+    def run(self, inputs):
+        import time
+
+        self.free_at = max(time.perf_counter(), self.free_at) + self.SECONDS[inputs.program.kind]
+        return self.logits[:inputs.logit_rows.shape[0]]
+
+    def sample(self, *args, **kwargs):
+        from lockstep.runtime.sampler import sample
+
+        return _TokensOnDevice(sample(*args, **kwargs), self.free_at)
+
+
+class _TokensOnDevice:
+    def __init__(self, result, done_at: float) -> None:
+        self.token_array, self._result, self._done_at = result.token_array, result, done_at
+
+    def ready(self):
+        import time
+
+        while time.perf_counter() < self._done_at:
+            pass  # a sync on the device's tokens
+        return self._result
+
+
+def test_overlap_times_each_step_on_the_device_not_the_one_before(monkeypatch) -> None:
+    """In overlap mode a step's wall time is the previous step's device time (it waits for that
+    step's tokens), so the cost model must hear each step's own: from its launch, or the tokens
+    before it, to its tokens. A decode beside a chunked prompt switches programs: the first
+    prefill after a decode, and the first decode after the prefills, must each get their own
+    time (25 ms and 5 ms on the stand-in device), not the other's."""
+    import lockstep.runtime.engine as engine_module
+    from lockstep.runtime.config import EngineConfig
+    from lockstep.runtime.engine import Engine
+    from lockstep.runtime.loader import load_model
+
+    engine = Engine(load_model("synthetic:tiny", quiet=True),
+                    EngineConfig(max_num_seqs=4, prefill_chunk=32, calibrate="off", overlap="on"))
+    device = _AsyncDevice(engine)
+    engine.programs.run = device.run
+    monkeypatch.setattr(engine_module, "sample", device.sample)
+    engine._times_on_resolve = True  # what CUDA sets: the device is asynchronous
+
+    heard = []
+
+    class Recorder:
+        def observe(self, program, pairs, seconds):
+            heard.append((program.kind, seconds))
+    engine.cost_model = Recorder()
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    first = engine.add_request(list(range(10, 18)), params)
+    while len(first.output_ids) < 4:
+        engine.step()
+    engine.add_request(list(range(100, 260)), params)  # five chunks of 32 beside the decode
+    while engine.has_work():
+        engine.step()
+    kinds = [kind for kind, _ in heard]
+    first_prefill, first_decode_after = kinds.index("prefill"), len(kinds) - kinds[::-1].index("prefill")
+    assert first_decode_after < len(kinds) and kinds[first_decode_after] == "decode", kinds
+    assert heard[first_prefill][1] > 0.015, f"the first prefill heard {heard[first_prefill][1] * 1e3:.1f} ms"
+    assert heard[first_decode_after][1] < 0.015, f"the decode after heard {heard[first_decode_after][1] * 1e3:.1f} ms"
