@@ -524,6 +524,9 @@ in that order before writing. Raises ValueError, changing nothing, for an unknow
       .def("free", &BlockAllocator::free, py::arg("h"),
            "Release all of h's blocks, tail first, and forget the handle.")
       .def("num_tokens", &BlockAllocator::num_tokens, py::arg("h"))
+      .def("num_published", &BlockAllocator::num_published, py::arg("h"),
+           "Leading blocks of h that publish() has looked at: the next publish needs h's tokens from "
+           "num_published(h) * block_size on (0 again after clear_prefix_cache()).")
       .def("block_table", &BlockAllocator::block_table, py::arg("h"),
            "h's blocks in order: ceil(num_tokens / block_size) of them.")
       .def("refcount", &BlockAllocator::refcount, py::arg("block"),

@@ -142,6 +142,9 @@ class BlockAllocator {
 
   bool has_sequence(Handle h) const { return seqs_.count(h) != 0; }
   std::int64_t num_tokens(Handle h) const;
+  // Leading blocks of h that publish() has looked at: the next publish needs h's tokens from
+  // num_published(h) * block_size on (0 again after clear_prefix_cache()).
+  std::int64_t num_published(Handle h) const { return lookup(h).published; }
   std::vector<Block> block_table(Handle h) const;  // O(length)
   // The blocks of h's first n_tokens tokens (n_tokens <= num_tokens(h)) into out[0..), in
   // table order, read straight off the chain: no allocation. O(log length + blocks).

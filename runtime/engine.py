@@ -593,8 +593,6 @@ class Engine:
             # their outputs made now, while it runs. A stop token or string found here ends a
             # sequence already in this step; its row's token is dropped (_sample skips it).
             self._resolve()
-            if not batch.to_sample:
-                self._timing_gap = True  # nothing of it is waited for: the next step's time would hold it
             self._flush(outputs)
             if during_device is not None and outputs:
                 during_device(list(outputs))
@@ -611,6 +609,10 @@ class Engine:
             self._sample(batch.to_sample, rows, outputs, defer=self.overlap)
         if not self.overlap:
             self._flush(outputs)
+        elif self._pending is None:
+            # It sampled nothing (no row, or each one's sequence ended while it ran): nothing of it
+            # is waited for, so the next step's time would hold it too.
+            self._timing_gap = True
 
     def _gather(self, step: ScheduledStep) -> _StepBatch:
         """The planner's inputs and the logit rows of a scheduled step, in one pass over its items;
@@ -828,10 +830,12 @@ class Engine:
             before = seq.num_computed
             done = seq.num_computed = before + item.num_tokens
             if bs and done // bs > before // bs:
-                # Only the tokens since the last full block: the ones before are published already,
-                # and converting the whole context would cost O(context) per block.
-                first = before // bs * bs
-                self.kv.allocator.publish(seq.handle, np.asarray(seq.token_ids[first:done], np.int64), done, first)
+                # Only the tokens from the first block not yet published (the last full block's,
+                # unless the cache was cleared): converting the whole context would cost
+                # O(context) per block.
+                alloc = self.kv.allocator
+                first = alloc.num_published(seq.handle) * bs
+                alloc.publish(seq.handle, np.asarray(seq.token_ids[first:done], np.int64), done, first)
 
     def _record_prompt_logprobs(self, logits: torch.Tensor,
                                 prompt_lp: list[tuple[Sequence, int, int, int]]) -> None:

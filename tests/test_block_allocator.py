@@ -168,6 +168,7 @@ def snapshot(a: BlockAllocator, handles) -> dict:
     return {
         "tables": {h: a.block_table(h) for h in handles},
         "tokens": {h: a.num_tokens(h) for h in handles},
+        "published": {h: a.num_published(h) for h in handles},
         "refcounts": [a.refcount(b) for b in range(a.num_blocks)],
         "free": a.num_free_blocks(),
         "sequences": a.num_sequences(),
@@ -181,6 +182,7 @@ def model_snapshot(m: ModelAllocator) -> dict:
     return {
         "tables": {h: list(t) for h, t in m.tables.items()},
         "tokens": dict(m.tokens),
+        "published": dict(m.published),
         "refcounts": [m.rc.get(b, 0) for b in range(m.num_blocks)],
         "free": m.num_free(),
         "sequences": len(m.tables),

@@ -86,18 +86,27 @@ def test_prefill_chunk_16_and_256(make_engine, alone, case: str) -> None:
 
 
 
-def test_generated_blocks_are_cached_for_the_next_turn(make_engine) -> None:
-    """The blocks a decode fills are published as they complete (each with only the tokens since
-    the last one, Engine._advance): a next turn whose prompt is the first turn's prompt and
-    answer finds every full block of both cached, and answers as it does on a cold engine."""
+@pytest.mark.parametrize("clear_midway", [False, True])
+def test_generated_blocks_are_cached_for_the_next_turn(make_engine, clear_midway: bool) -> None:
+    """The blocks a decode fills are published as they complete (each with only the tokens from
+    the first block not yet published, Engine._advance): a next turn whose prompt is the first
+    turn's prompt and answer finds every full block of both cached, and answers as it does on a
+    cold engine. Also when the cache is cleared while the first turn decodes: its next block
+    publishes the whole chain again."""
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     engine = make_engine(prefix_cache=True)
-    first = engine.generate([PROMPTS[4]], params)[0]
-    turn = first.prompt_ids + first.output_ids + engine.tokenizer.encode(" Next,", add_bos=False)
+    seq = engine.add_request(PROMPTS[4], params)
+    while len(seq.output_ids) < 10:
+        engine.step()
+    if clear_midway:
+        engine.kv.allocator.clear_prefix_cache()
+    while engine.has_work():
+        engine.step()
+    turn = list(seq.token_ids) + engine.tokenizer.encode(" Next,", add_bos=False)
     hits = engine.kv.allocator.prefix_hits()
     warm = engine.generate([turn], params)[0]
     bs = engine.kv.block_size
-    assert engine.kv.allocator.prefix_hits() - hits == (len(first.prompt_ids) + len(first.output_ids) - 1) // bs * bs
+    assert engine.kv.allocator.prefix_hits() - hits == (len(seq.token_ids) - 1) // bs * bs
     cold = make_engine(prefix_cache=False).generate([turn], params)[0]
     assert warm.output_ids == cold.output_ids and warm.logprobs == cold.logprobs
 

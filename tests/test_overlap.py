@@ -308,12 +308,9 @@ class _TokensOnDevice:
         return self._result
 
 
-def test_overlap_times_each_step_on_the_device_not_the_one_before(monkeypatch) -> None:
-    """In overlap mode a step's wall time is the previous step's device time (it waits for that
-    step's tokens), so the cost model must hear each step's own: from its launch, or the tokens
-    before it, to its tokens. A decode beside a chunked prompt switches programs: the first
-    prefill after a decode, and the first decode after the prefills, must each get their own
-    time (25 ms and 5 ms on the stand-in device), not the other's."""
+def timed_engine(monkeypatch):
+    """synthetic:tiny in overlap mode on _AsyncDevice, timing steps as on CUDA; what its cost
+    model hears, as (program kind, seconds)."""
     import lockstep.runtime.engine as engine_module
     from lockstep.runtime.config import EngineConfig
     from lockstep.runtime.engine import Engine
@@ -325,13 +322,22 @@ def test_overlap_times_each_step_on_the_device_not_the_one_before(monkeypatch) -
     engine.programs.run = device.run
     monkeypatch.setattr(engine_module, "sample", device.sample)
     engine._times_on_resolve = True  # what CUDA sets: the device is asynchronous
-
     heard = []
 
     class Recorder:
         def observe(self, program, pairs, seconds):
             heard.append((program.kind, seconds))
     engine.cost_model = Recorder()
+    return engine, heard
+
+
+def test_overlap_times_each_step_on_the_device_not_the_one_before(monkeypatch) -> None:
+    """In overlap mode a step's wall time is the previous step's device time (it waits for that
+    step's tokens), so the cost model must hear each step's own: from its launch, or the tokens
+    before it, to its tokens. A decode beside a chunked prompt switches programs: the first
+    prefill after a decode, and the first decode after the prefills, must each get their own
+    time (25 ms and 5 ms on the stand-in device), not the other's."""
+    engine, heard = timed_engine(monkeypatch)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     first = engine.add_request(list(range(10, 18)), params)
     while len(first.output_ids) < 4:
@@ -344,3 +350,23 @@ def test_overlap_times_each_step_on_the_device_not_the_one_before(monkeypatch) -
     assert first_decode_after < len(kinds) and kinds[first_decode_after] == "decode", kinds
     assert heard[first_prefill][1] > 0.015, f"the first prefill heard {heard[first_prefill][1] * 1e3:.1f} ms"
     assert heard[first_decode_after][1] < 0.015, f"the decode after heard {heard[first_decode_after][1] * 1e3:.1f} ms"
+
+
+def test_a_step_that_samples_nothing_is_not_charged_to_the_next(monkeypatch) -> None:
+    """A decode that a stop token ends while a prompt's first chunk runs beside it: that step
+    samples nothing (its one sampled row's sequence has ended), so nobody waits for it, and the
+    next step's time must not be heard with it inside (two prefills' time, 50 ms)."""
+    engine, heard = timed_engine(monkeypatch)
+    prompt = list(range(10, 18))
+    stop = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))[0].output_ids[0]
+    heard.clear()
+    decode = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                       stop_token_ids=[stop], min_tokens=5))
+    while len(decode.output_ids) < 6:
+        engine.step()
+    engine.add_request(list(range(100, 164)), SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+    assert decode.finish_reason is FinishReason.STOP
+    prefills = [seconds for kind, seconds in heard if kind == "prefill"]
+    assert prefills and max(prefills) < 1.5 * _AsyncDevice.SECONDS["prefill"], [round(p * 1e3, 1) for p in prefills]
