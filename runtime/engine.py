@@ -735,6 +735,7 @@ class Engine:
         params: list[SamplingParams] = []
         keys: list[tuple[int, int, int]] = []
         banned: list[frozenset[int]] | None = None  # only once some sequence is below min_tokens
+        max_model_len, ending = self.max_model_len, False
         for i, seq in enumerate(seqs):
             if seq.status is _FINISHED:
                 continue  # in overlap mode: ended (a stop string, a cancel) while the step ran
@@ -750,10 +751,20 @@ class Engine:
                 banned.append(seq.stop_ids)
             elif banned is not None:
                 banned.append(_NOTHING_BANNED)
+            length = len(seq.token_ids)
+            if defer:
+                # Marked pending now, in this one pass (a sampler that raises fails the step, and
+                # fail_step ends every live sequence, so no mark outlives a failed sampling).
+                if (p.max_tokens is not None and made + 1 >= p.max_tokens) or length + 1 >= max_model_len:
+                    ending = True  # its token is its last: the next step leaves it out (left 0 tokens)
+                else:
+                    seq.num_pending, seq.pending_index = 1, len(sampled)
             sampled.append(seq)
             keep.append(i)
             params.append(p)
-            keys.append((seq.seed, len(seq.token_ids), seq.branch))
+            keys.append((seq.seed, length, seq.branch))
+        if ending:
+            self.scheduler.invalidate()  # a replay would keep it in
         if not sampled:
             return
         if len(keep) < len(seqs):
@@ -770,16 +781,6 @@ class Engine:
             self._commit_tokens(sampled, result.token_ids, result.logprobs, result.top_logprobs)
             return
         self._pending = (sampled, result, self.last_step, self._launched_at)
-        max_model_len, ending = self.max_model_len, False
-        for i, seq in enumerate(sampled):
-            p = seq.params
-            if (p.max_tokens is not None and len(seq.output_ids) - seq.outputs_at_commit + 1 >= p.max_tokens) \
-                    or len(seq.token_ids) + 1 >= max_model_len:
-                ending = True  # its token is its last: the next step leaves it out (left 0 tokens)
-            else:
-                seq.num_pending, seq.pending_index = 1, i
-        if ending:
-            self.scheduler.invalidate()  # a replay would keep it in
 
     def _resolve(self) -> None:
         """Takes in the tokens of the latest deferred sampling (waiting for them if they are not
